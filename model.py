@@ -231,3 +231,12 @@ def loss_fn(params, tokens, cfg: Config, weights=None, segment_ids=None):
     logits = forward(params, tokens[:, :-1], cfg, None if segment_ids is None else segment_ids[:, :-1])
     total, count = cross_entropy(logits, tokens[:, 1:], weights)
     return total / jnp.maximum(count, 1.0)
+
+
+if __name__ == "__main__":  # a smoke run: python model.py
+    cfg = TINY
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 65), 0, cfg.vocab_size)
+    loss = jax.jit(loss_fn, static_argnums=2)(params, tokens, cfg)
+    print(f"tiny Llama: {param_count(cfg):,} params, loss on random tokens {float(loss):.3f} "
+          f"(uniform would be {math.log(cfg.vocab_size):.3f})")
