@@ -13,16 +13,20 @@ import dataclasses
 import importlib.util
 import json
 import os
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+import model
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # where checkpoints, metrics.jsonl and config.json go; a run resumes from here automatically
     out_dir: str = "out/run"
-    # a preset name of model.PRESETS ("tiny", "llama2_7b", "llama2_13b", "llama2_70b")
-    model: str = "tiny"
+    # a preset name of model.PRESETS ("tiny", "llama2_7b", "llama2_13b", "llama2_70b"), or, in a
+    # config file, a model.Config for other shapes (ablations)
+    model: "str | model.Config" = "tiny"
     # "" = random init; "hf:DIR" = a Hugging Face Llama directory (safetensors)
     init_from: str = ""
     # the Lemur schedule: linear warmup from 0 to lr over warmup_steps, cosine to end_lr at steps.
@@ -64,6 +68,8 @@ class TrainConfig:
 def _parse(value: str, typ, key: str):
     """Parse a command-line string as `typ`, or raise naming the key."""
     origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType) and str in typing.get_args(typ):
+        typ = str  # e.g. model: a preset name on the command line
     try:
         if typ is bool:
             if value.lower() in ("1", "true", "yes"):

@@ -48,7 +48,8 @@ _LAYOUT = {
 # our dims grouped by the HF dim they come from, in our order; "T" layouts read HF dims (1, 0)
 _GROUPS = {"wq": ((0,), (1, 2)), "wk": ((0,), (1, 2)), "wv": ((0,), (1, 2)), "wo": ((0, 1), (2,))}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "U32": np.uint32, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
@@ -154,7 +155,7 @@ def write_safetensors(file: str, tensors: list):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         for name, shape, dtype, produce in tensors:
-            array = np.ascontiguousarray(np.asarray(produce()).astype(dtype))
+            array = np.asarray(np.asarray(produce()).astype(dtype), order="C")
             assert array.shape == tuple(shape), (name, array.shape, shape)
             f.write(array.tobytes())
         f.flush()

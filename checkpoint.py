@@ -1,0 +1,155 @@
+"""Sharded, atomic checkpoints: every process writes only its own shards; restore onto any mesh.
+
+A checkpoint is a directory `out_dir/step_00001000/`:
+    shards.p00000.safetensors   this process's shards of every array (one file per process)
+    data.p00000.json            this process's data-loader position
+    meta.json                   step, config, seed (process 0)
+    COMMIT                      written last
+
+Atomicity: everything is written under `step_XXXXXXXX.tmp/`, each file fsynced; after a barrier,
+process 0 writes COMMIT, renames the directory to its final name and fsyncs the parent. A
+directory without `.tmp` and with COMMIT is complete; anything else is ignored (and cleared by
+the next save), so a crash at any instant leaves either the old set of checkpoints or the new one.
+The directory must be on storage every process sees (NFS, a GCS fuse mount) for multi-host runs.
+
+Shards are stored in the safetensors layout (convert.py reads and writes it) under names
+`path@start:stop,start:stop`: the global slice each shard holds. Restoring builds every array
+with `jax.make_array_from_callback` for the *target* sharding, copying each requested slice out
+of whichever saved shards overlap it (memory-mapped, so a process reads only what it needs).
+That is why a checkpoint restores onto a different mesh or process count.
+"""
+import json
+import os
+import re
+import shutil
+
+import jax
+import numpy as np
+
+import convert
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier(name: str):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _fsync_dir(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: str, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _flat(tree):
+    return [(jax.tree_util.keystr(p, simple=True, separator="/"), x)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _index_str(index, shape):
+    return ",".join("{}:{}".format(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
+def committed(out_dir: str) -> list[int]:
+    """Steps of the complete checkpoints in out_dir, oldest first."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(out_dir) if (m := _STEP_DIR.match(name))
+                  and os.path.exists(os.path.join(out_dir, name, "COMMIT")))
+
+
+def step_dir(out_dir: str, step: int) -> str:
+    return os.path.join(out_dir, f"step_{step:08d}")
+
+
+def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int):
+    """Write `state` (a pytree of jax arrays) as checkpoint `step`; keep the newest `keep`."""
+    final = step_dir(out_dir, step)
+    tmp = final + ".tmp"
+    proc = jax.process_index()
+    if proc == 0:
+        for name in os.listdir(out_dir):  # leftovers of an interrupted save
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(out_dir, name))
+        os.makedirs(tmp)
+    _barrier(f"ckpt-{step}-mkdir")
+
+    tensors = []
+    for path, array in _flat(state):
+        for shard in array.addressable_shards:
+            if shard.replica_id == 0:  # each slice written once, by the process holding replica 0
+                name = f"{path}@{_index_str(shard.index, array.shape)}"
+                tensors.append((name, shard.data.shape, shard.data.dtype, lambda d=shard.data: np.asarray(d)))
+    convert.write_safetensors(os.path.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors)
+    _write_json(os.path.join(tmp, f"data.p{proc:05d}.json"), data_state)
+    _barrier(f"ckpt-{step}-written")
+
+    if proc == 0:
+        _write_json(os.path.join(tmp, "meta.json"), {"step": step, "process_count": jax.process_count(), **meta})
+        _write_json(os.path.join(tmp, "COMMIT"), {"step": step})
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # a checkpoint of the same step from before a crash
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(out_dir)
+        for old in committed(out_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(step_dir(out_dir, old))
+    _barrier(f"ckpt-{step}-done")
+
+
+def restore(path: str, target):
+    """Read checkpoint directory `path` into arrays shaped and sharded like `target` (a pytree of
+    jax.ShapeDtypeStruct with shardings). Returns (state, meta, data_states by process)."""
+    if not os.path.exists(os.path.join(path, "COMMIT")):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
+    saved = convert.SafetensorsDir(path)
+    pieces = {}  # array path -> [(slices, entry name)]
+    for name in saved.entries:
+        key, _, index = name.rpartition("@")
+        bounds = [tuple(map(int, r.split(":"))) for r in index.split(",")] if index else []
+        pieces.setdefault(key, []).append((bounds, name))
+
+    def read(key, shape, dtype, index):
+        region = [s.indices(n)[:2] for s, n in zip(index, shape)]
+        out = np.empty([b - a for a, b in region], dtype)
+        filled = 0
+        for bounds, name in pieces[key]:
+            lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds)]
+            hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds)]
+            if any(l >= h for l, h in zip(lo, hi)):
+                continue
+            src = tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, bounds))
+            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, region))
+            out[dst] = saved.get_slice(name, src)
+            filled += int(np.prod([h - l for l, h in zip(lo, hi)]))
+        if filled != out.size:
+            raise ValueError(f"{path}: {key} slice {region} is not fully covered by the saved shards")
+        return out
+
+    leaves = []
+    for key, spec in _flat(target):
+        if key not in pieces:
+            raise ValueError(f"{path}: no saved array {key!r} (saved: {', '.join(sorted(pieces)[:8])} ...)")
+        leaves.append(jax.make_array_from_callback(
+            spec.shape, spec.sharding, lambda idx, k=key, s=spec: read(k, s.shape, s.dtype, idx)))
+    state = jax.tree.unflatten(jax.tree.structure(target), leaves)
+    with open(os.path.join(path, "meta.json")) as f:
+        meta = json.load(f)
+    data_states = []
+    for proc in range(meta["process_count"]):
+        with open(os.path.join(path, f"data.p{proc:05d}.json")) as f:
+            data_states.append(json.load(f))
+    return state, meta, data_states
