@@ -75,6 +75,16 @@ def step_dir(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"step_{step:08d}")
 
 
+def latest(path: str) -> str:
+    """`path` if it is a checkpoint directory, else the newest complete checkpoint of out_dir `path`."""
+    if os.path.exists(os.path.join(path, "COMMIT")):
+        return path
+    steps = committed(path)
+    if not steps:
+        raise FileNotFoundError(f"{path}: neither a checkpoint directory nor an out_dir with a complete checkpoint")
+    return step_dir(path, steps[-1])
+
+
 def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int):
     """Write `state` (a pytree of jax arrays) as checkpoint `step`; keep the newest `keep`."""
     final = step_dir(out_dir, step)
@@ -110,46 +120,65 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
     _barrier(f"ckpt-{step}-done")
 
 
-def restore(path: str, target):
-    """Read checkpoint directory `path` into arrays shaped and sharded like `target` (a pytree of
-    jax.ShapeDtypeStruct with shardings). Returns (state, meta, data_states by process)."""
-    if not os.path.exists(os.path.join(path, "COMMIT")):
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
-    saved = convert.SafetensorsDir(path)
-    pieces = {}  # array path -> [(slices, entry name)]
-    for name in saved.entries:
-        key, _, index = name.rpartition("@")
-        bounds = [tuple(map(int, r.split(":"))) for r in index.split(",")] if index else []
-        pieces.setdefault(key, []).append((bounds, name))
+class Reader:
+    """Any global slice of any saved array, assembled from the shards that overlap it (each read
+    through a memory map, so only the bytes of the slice are touched)."""
 
-    def read(key, shape, dtype, index):
+    def __init__(self, path: str):
+        if not os.path.exists(os.path.join(path, "COMMIT")):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
+        self.path = path
+        self.saved = convert.SafetensorsDir(path)
+        self.pieces = {}  # array path -> [(bounds per dim, entry name)]
+        for name in self.saved.entries:
+            key, _, index = name.rpartition("@")
+            bounds = [tuple(map(int, r.split(":"))) for r in index.split(",")] if index else []
+            self.pieces.setdefault(key, []).append((bounds, name))
+        with open(os.path.join(path, "meta.json")) as f:
+            self.meta = json.load(f)
+
+    def shape(self, key):
+        return tuple(max(b[d][1] for b, _ in self.pieces[key]) for d in range(len(self.pieces[key][0][0])))
+
+    def read(self, key: str, index: tuple = ()):
+        if key not in self.pieces:
+            raise ValueError(f"{self.path}: no saved array {key!r} (saved: {', '.join(sorted(self.pieces)[:8])} ...)")
+        shape = self.shape(key)
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
         region = [s.indices(n)[:2] for s, n in zip(index, shape)]
-        out = np.empty([b - a for a, b in region], dtype)
-        filled = 0
-        for bounds, name in pieces[key]:
+        out, filled = None, 0
+        for bounds, name in self.pieces[key]:
             lo = [max(a, c) for (a, _), (c, _) in zip(region, bounds)]
             hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds)]
             if any(l >= h for l, h in zip(lo, hi)):
                 continue
-            src = tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, bounds))
-            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, region))
-            out[dst] = saved.get_slice(name, src)
-            filled += int(np.prod([h - l for l, h in zip(lo, hi)]))
-        if filled != out.size:
-            raise ValueError(f"{path}: {key} slice {region} is not fully covered by the saved shards")
+            block = self.saved.get_slice(name, tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, bounds)))
+            if out is None:
+                out = np.empty([b - a for a, b in region], block.dtype)
+            out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, region))] = block
+            filled += block.size
+        if out is None or filled != out.size:
+            raise ValueError(f"{self.path}: {key} slice {region} is not fully covered by the saved shards")
         return out
 
+    def data_states(self) -> list:
+        """The data-loader state of each process of the run that saved this checkpoint."""
+        states = []
+        for proc in range(self.meta["process_count"]):
+            with open(os.path.join(self.path, f"data.p{proc:05d}.json")) as f:
+                states.append(json.load(f))
+        return states
+
+
+def restore(path: str, target):
+    """Read checkpoint directory `path` into arrays shaped and sharded like `target` (a pytree of
+    jax.ShapeDtypeStruct with shardings; a subset of the saved tree is fine, e.g. only params).
+    Returns (state, reader); reader.meta and reader.data_states() hold the rest."""
+    reader = Reader(path)
     leaves = []
     for key, spec in _flat(target):
-        if key not in pieces:
-            raise ValueError(f"{path}: no saved array {key!r} (saved: {', '.join(sorted(pieces)[:8])} ...)")
+        if key in reader.pieces and reader.shape(key) != tuple(spec.shape):
+            raise ValueError(f"{path}: {key} was saved with shape {reader.shape(key)}, expected {spec.shape}")
         leaves.append(jax.make_array_from_callback(
-            spec.shape, spec.sharding, lambda idx, k=key, s=spec: read(k, s.shape, s.dtype, idx)))
-    state = jax.tree.unflatten(jax.tree.structure(target), leaves)
-    with open(os.path.join(path, "meta.json")) as f:
-        meta = json.load(f)
-    data_states = []
-    for proc in range(meta["process_count"]):
-        with open(os.path.join(path, f"data.p{proc:05d}.json")) as f:
-            data_states.append(json.load(f))
-    return state, meta, data_states
+            spec.shape, spec.sharding, lambda idx, k=key, s=spec: reader.read(k, idx).astype(s.dtype)))
+    return jax.tree.unflatten(jax.tree.structure(target), leaves), reader

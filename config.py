@@ -61,6 +61,8 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
+    # at the end of the run, print a greedy continuation of this prompt ("" = none)
+    sample_prompt: str = ""
     # consecutive non-finite losses (updates skipped) after which the run stops
     max_nonfinite_steps: int = 5
 

@@ -307,3 +307,41 @@ def save_hf(params, cfg: model.Config, path: str, dtype: str = "bfloat16", max_s
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_config(cfg, dtype), f, indent=2)
+
+
+# ----------------------------------------------------------------------------- export a checkpoint
+
+class _SavedParam:
+    """A param of a training checkpoint, read one layer at a time (save_hf indexes stacked
+    params by layer), so exporting 70B holds one layer of one tensor in memory."""
+
+    def __init__(self, reader, key: str):
+        self.reader, self.key, self.shape = reader, key, reader.shape(key)
+
+    def __getitem__(self, layer: int):
+        return self.reader.read(self.key, (slice(layer, layer + 1),))[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return self.reader.read(self.key).astype(dtype or np.float32)
+
+
+def main(argv):
+    """python convert.py CKPT_DIR HF_DIR [--dtype=bfloat16|float16|float32]
+    CKPT_DIR is a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint)."""
+    import checkpoint  # checkpoint.py stores its shards with this module's safetensors code
+
+    args = [a for a in argv if not a.startswith("--")]
+    options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
+    if len(args) != 2 or set(options) - {"dtype"}:
+        raise SystemExit(main.__doc__)
+    src, dst = args
+    src = checkpoint.latest(src)
+    reader = checkpoint.Reader(src)
+    cfg = model.Config(**reader.meta["model"])
+    params = _unflat((key, _SavedParam(reader, "params/" + key)) for key, _ in _flat(model.param_shapes(cfg)))
+    save_hf(params, cfg, dst, options.get("dtype", "bfloat16"))
+    print(f"wrote {dst} from {src} ({model.param_count(cfg):,} params)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -133,9 +133,24 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+def attend(q, k, v, mask, block=512):
     """Causal grouped-query attention. q (B, T, N, H), k/v (B, S, K, H), mask (B|1, T, S) bool.
-    Scores and softmax in fp32. Each kv head serves G = N/K consecutive query heads."""
+    Scores and softmax in fp32. Each kv head serves G = N/K consecutive query heads.
+
+    Long self-attention (T == S, a multiple of `block` above it) runs as a loop over query blocks
+    of `block` rows, each under jax.checkpoint: neither pass holds more than a (block, T) fp32
+    score matrix per head instead of (T, T)."""
+    B, T, N, H = q.shape
+    if T != k.shape[1] or T <= block or T % block:
+        return _attend_block(q, k, v, mask)
+    q_blocks = q.reshape(B, T // block, block, N, H).swapaxes(0, 1)  # (T/block, B, block, N, H)
+    mask_blocks = mask.reshape(mask.shape[0], T // block, block, T).swapaxes(0, 1)
+    out = jax.lax.map(jax.checkpoint(lambda qm: _attend_block(qm[0], k, v, qm[1])), (q_blocks, mask_blocks))
+    return out.swapaxes(0, 1).reshape(B, T, N, H)
+
+
+def _attend_block(q, k, v, mask):
+    """attend() for queries q (B, T, N, H) against all keys k/v (B, S, K, H), mask (B|1, T, S)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)

@@ -101,6 +101,25 @@ def init_state(tcfg, mcfg, mesh, key, params=None):
     return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), shardings["step"])}
 
 
+def load_params(init_from: str, mcfg: model.Config, mesh):
+    """Sharded params from "hf:DIR" (a Hugging Face Llama) or "ckpt:DIR" (a checkpoint or a run's
+    out_dir); each process reads only the slices its devices hold."""
+    kind, _, path = init_from.partition(":")
+    shardings = sharding.param_shardings(mcfg, mesh)
+    if kind == "hf":
+        import convert
+        saved_cfg, params = convert.load_hf(path, shardings)
+    else:
+        path = checkpoint.latest(path)
+        saved_cfg = model.Config(**checkpoint.Reader(path).meta["model"])
+        shapes = jax.eval_shape(lambda: model.init_params(mcfg, jax.random.key(0)))
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+        params = checkpoint.restore(path, {"params": target})[0]["params"]
+    if dataclasses.replace(saved_cfg, dtype=mcfg.dtype, remat=mcfg.remat) != mcfg:
+        raise ValueError(f"{init_from}: the saved model {saved_cfg} is not the configured {mcfg}")
+    return params
+
+
 def make_train_step(tcfg, mcfg, mesh):
     """jitted step(state, batch) -> (state, metrics); batch["tokens"] is (microbatches, rows, T+1)."""
     tx = make_optimizer(tcfg)
@@ -224,18 +243,17 @@ def train(tcfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.
     steps_done = checkpoint.committed(tcfg.out_dir)
     if steps_done:
         path = checkpoint.step_dir(tcfg.out_dir, steps_done[-1])
-        state, meta, data_states = checkpoint.restore(path, state_shapes(tcfg, mcfg, mesh))
-        loader.restore(data.merge_states(data_states))
+        state, saved = checkpoint.restore(path, state_shapes(tcfg, mcfg, mesh))
+        loader.restore(data.merge_states(saved.data_states()))
         if main_process:
-            truncate_metrics(tcfg.out_dir, meta["step"])
+            truncate_metrics(tcfg.out_dir, saved.meta["step"])
             print(f"resumed from {path}")
     else:
-        params = init_params(mcfg, mesh) if init_params else None
-        if tcfg.init_from and not init_params:
-            import convert
-            hf_cfg, params = convert.load_hf(tcfg.init_from[3:], sharding.param_shardings(mcfg, mesh))
-            if dataclasses.replace(hf_cfg, dtype=mcfg.dtype, remat=mcfg.remat) != mcfg:
-                raise ValueError(f"{tcfg.init_from}: config.json does not match model={tcfg.model}: {hf_cfg}")
+        params = None
+        if init_params:
+            params = init_params(mcfg, mesh)
+        elif tcfg.init_from:
+            params = load_params(tcfg.init_from, mcfg, mesh)
         state = init_state(tcfg, mcfg, mesh, jax.random.key(tcfg.seed), params)
 
     train_step, eval_step = make_train_step(tcfg, mcfg, mesh), make_eval_step(mcfg, mesh)
@@ -309,6 +327,13 @@ def train(tcfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.
     if pending is not None:
         report(*pending)
     loader.close()
+    if tcfg.sample_prompt and int(state["step"]) == tcfg.steps:
+        import sample
+        tok = loader.tokenizer
+        prompt = [tok.bos_id] + tok.encode(tcfg.sample_prompt)
+        out = sample.generate(state["params"], mcfg, prompt, 64, stop_tokens=(tok.eos_id,), vocab_size=tok.vocab_size)
+        if main_process:
+            print(f"sample: {tcfg.sample_prompt}{tok.decode(out)}")
     return state
 
 

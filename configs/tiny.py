@@ -20,4 +20,5 @@ config = TrainConfig(
     eval_batches=2,
     checkpoint_every=100,
     keep_checkpoints=2,
+    sample_prompt="def fibonacci(n):",
 )

@@ -256,3 +256,22 @@ def test_resume_on_another_mesh(corpus, reference, tmp_path):
     resumed = losses(out_dir)
     assert sorted(resumed) == list(range(9, 17))
     np.testing.assert_allclose([resumed[s] for s in range(9, 17)], [ref[s] for s in range(9, 17)], rtol=1e-5)
+
+
+def test_export_checkpoint_to_hf(reference, tmp_path):
+    """python convert.py OUT_DIR HF_DIR: transformers runs the exported model to our logits."""
+    import checkpoint
+    import convert
+    import torch
+    import transformers
+    convert.main([str(reference[0]), str(tmp_path), "--dtype=float32"])
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    reader = checkpoint.Reader(checkpoint.step_dir(str(reference[0]), 16))
+    params = {"embed": None, "norm": None, "output": None, "layers": {}}
+    for key, _ in convert._flat(model.param_shapes(MICRO)):
+        *parent, leaf = key.split("/")
+        (params["layers"] if parent else params)[leaf] = jnp.asarray(reader.read("params/" + key))
+    tokens = np.arange(20)[None] * 7 % MICRO.vocab_size
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.forward(params, jnp.asarray(tokens), MICRO), expected, atol=1e-4)

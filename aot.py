@@ -1,0 +1,152 @@
+"""Compile the full train step for a TPU slice on this machine (no TPU needed) and report whether
+it fits in HBM, with an analytic MFU estimate.
+
+    python aot.py configs/lemur70b.py --topology=v4-512 [--microbatches=4 --mesh=1,32,8 ...]
+    python train.py configs/lemur70b.py --aot=v4-512          # the same, via train.py
+
+libtpu (`pip install jax[tpu]`) describes the slice's chips without any being attached
+(jax.experimental.topologies); the real step of train.py (forward, backward, gradient
+accumulation over the microbatches, clipping, Adam, donated state) is lowered with
+jax.ShapeDtypeStruct arguments on a mesh of those chips and compiled by the real TPU compiler.
+`compiled.memory_analysis()` is per chip: arguments (the state and a batch) + outputs + temporaries
+- aliased (the donated state, reused for the new one). The last line printed is one JSON object.
+
+MFU estimate (XLA's cost analysis does not count loop trip counts, so it is done by hand; the
+comms bounds are the scaling book's ring formulas, one bidirectional ICI link per axis, all
+collectives assumed to overlap with compute, comms of different axes summed):
+  model FLOPs/step     = tokens x (6 N + 6 L T D)          N: matmul params (not the embedding);
+                                                           6 L T D: causal QK^T and AV, fwd + bwd
+  executed FLOPs/step  = model FLOPs + tokens x (2 N_layers + 2 L T D)  (full remat: forward again)
+  compute time         = executed FLOPs / (chips x peak)
+  fsdp comms           = M x 3 x (2 N / tensor) / W      gather fwd, gather again in bwd,
+                                                           reduce-scatter grads; bf16 weights
+  tensor comms         = M x L x 12 x (2 B T D) / W      all-gather + reduce-scatter of x[B, T, D]
+                                                           around attention and MLP: 4 fwd, 4 in
+                                                           the recompute, 4 bwd; B rows per chip
+  data comms           = M x 2 x (4 N / (fsdp x tensor)) / W   all-reduce of fp32 gradient shards
+  MFU                  = (model FLOPs / (chips x peak)) / max(compute time, comm time)
+M microbatches, W the ICI bandwidth of one axis (bytes/s). Axes of size 1 cost nothing.
+"""
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU chips are described, not attached
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+
+import config  # noqa: E402
+import model  # noqa: E402
+import sharding  # noqa: E402
+import train  # noqa: E402
+
+GIB = 2 ** 30
+# per chip: (jax topology prefix, chip config, HBM GiB, peak bf16 FLOP/s, ICI bytes/s per axis,
+# tensor cores per chip (slice names count cores on v4/v5p, chips on v5e))
+CHIPS = {"v4": ("v4", "megacore", 32.0, 275e12, 9e10, 2),
+         "v5p": ("v5p", "megacore", 95.0, 459e12, 1.8e11, 2),
+         "v5e": ("v5e", "default", 16.0, 197e12, 9e10, 1)}
+# torus shapes by chip count (v4/v5p: 3-D, v5e: 2-D)
+SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
+             256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
+SHAPES_2D = {4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16), 256: (16, 16)}
+
+
+def slice_spec(name: str) -> dict:
+    """'v4-512' -> topology string, chip config, wrap-around, chip count and per-chip numbers."""
+    chip, _, size = name.partition("-")
+    if chip not in CHIPS or not size.isdigit():
+        raise ValueError(f"unknown TPU slice {name!r}; expected one of {', '.join(CHIPS)} followed by -N, e.g. v4-512")
+    prefix, chip_config, hbm, peak, ici, cores = CHIPS[chip]
+    chips = int(size) // cores
+    shapes = SHAPES_2D if chip == "v5e" else SHAPES_3D
+    if chips not in shapes:
+        raise ValueError(f"unknown TPU slice {name!r}; {chip} slices: "
+                         f"{', '.join(f'{chip}-{n * cores}' for n in shapes)}")
+    shape = shapes[chips]
+    wrap = tuple(chips >= 64 and d >= 4 for d in shape)  # full-cube slices are tori
+    return {"name": name, "topology": f"{prefix}:{'x'.join(map(str, shape))}", "chip_config": chip_config,
+            "wrap": wrap + (False,) * (3 - len(wrap)), "chips": chips, "hbm_gib": hbm, "peak": peak, "ici": ici}
+
+
+def topology_devices(spec: dict):
+    """The slice's chips as compile-only JAX devices (needs libtpu, works on any machine)."""
+    return topologies.get_topology_desc(platform="tpu", topology_name=spec["topology"],
+                                        chip_config_name=spec["chip_config"], chips_per_host_bounds=(2, 2, 1),
+                                        num_slices=1, wrap=spec["wrap"]).devices
+
+
+def mfu_estimate(tcfg: config.TrainConfig, mcfg: model.Config, spec: dict) -> float:
+    """Analytic MFU of one train step (the formulas of the module docstring)."""
+    data, fsdp, tensor = tcfg.mesh
+    chips, peak, W = math.prod(tcfg.mesh), spec["peak"], spec["ici"]
+    L, D, T, M = mcfg.n_layers, mcfg.dim, tcfg.seq_len, tcfg.microbatches
+    tokens = tcfg.batch_size * T
+    n_matmul = model.param_count(mcfg) - mcfg.vocab_size * mcfg.dim  # the embedding is a lookup
+    n_layers = n_matmul - mcfg.vocab_size * mcfg.dim - mcfg.dim  # the output layer is not recomputed
+    model_flops = tokens * (6 * n_matmul + 6 * L * T * D)
+    compute = (model_flops + tokens * (2 * n_layers + 2 * L * T * D)) / (chips * peak)
+    rows = tcfg.batch_size // M // (data * fsdp)
+    comms = ((fsdp > 1) * M * 3 * 2 * n_matmul / tensor
+             + (tensor > 1) * M * L * 12 * 2 * rows * T * D
+             + (data > 1) * M * 2 * 4 * n_matmul / (fsdp * tensor)) / W
+    return model_flops / (chips * peak) / max(compute, comms)
+
+
+def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
+    """Compile train.py's step for the slice `topology`; print the HBM breakdown and a JSON line."""
+    spec = slice_spec(topology)
+    mcfg = train.model_config(tcfg)
+    if tcfg.batch_size % tcfg.microbatches:
+        raise ValueError(f"batch_size={tcfg.batch_size} is not divisible by microbatches={tcfg.microbatches}")
+    mesh = sharding.make_mesh(*tcfg.mesh, devices=topology_devices(spec))
+    rows = tcfg.batch_size // tcfg.microbatches
+    sharding.check_divisible(mcfg, mesh, rows, tcfg.seq_len)
+    batch = {"tokens": jax.ShapeDtypeStruct((tcfg.microbatches, rows, tcfg.seq_len + 1), jnp.int32,
+                                            sharding=sharding.batch_sharding(mesh, microbatched=True))}
+    result = {"topology": topology, "chips": spec["chips"], "hbm_per_chip_gib": None,
+              "hbm_capacity_gib": spec["hbm_gib"], "fits": False, "mesh": list(tcfg.mesh),
+              "microbatches": tcfg.microbatches, "compile_seconds": None,
+              "mfu_estimate": round(mfu_estimate(tcfg, mcfg, spec), 3)}
+    start = time.time()
+    lowered = train.make_train_step(tcfg, mcfg, mesh).lower(train.state_shapes(tcfg, mcfg, mesh), batch)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses a program that cannot fit in HBM
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        result["compile_seconds"] = round(time.time() - start, 1)
+        result["error"] = next((l.strip() for l in str(e).splitlines() if "memory" in l.lower()), str(e).splitlines()[0])
+        print(f"{topology}: does not fit: {result['error']}")
+        print(json.dumps(result))
+        return result
+    result["compile_seconds"] = round(time.time() - start, 1)
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    result["hbm_per_chip_gib"] = round(total / GIB, 2)
+    result["fits"] = total <= spec["hbm_gib"] * GIB
+    print(f"{tcfg.model} on {topology} ({spec['topology']}, {spec['chips']} chips), mesh (data, fsdp, tensor) = "
+          f"{tuple(tcfg.mesh)}, {tcfg.microbatches} microbatches of {rows} x {tcfg.seq_len} tokens")
+    for name, size in [("argument", m.argument_size_in_bytes), ("output", m.output_size_in_bytes),
+                       ("temp", m.temp_size_in_bytes), ("alias", -m.alias_size_in_bytes), ("total", total)]:
+        print(f"  {name:>8} {size / GIB:8.2f} GiB per chip")
+    if not result["fits"]:
+        print(f"{topology}: does not fit: {total / GIB:.2f} GiB per chip > {spec['hbm_gib']} GiB of HBM")
+    print(json.dumps(result))
+    return result
+
+
+def main(argv):
+    topology = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--topology=")]
+    if not argv or argv[0].startswith("--") or len(topology) != 1:
+        raise SystemExit("usage: python aot.py CONFIG --topology=v4-512 [--key=value ...]")
+    tcfg = config.load(argv[0], [a for a in argv[1:] if not a.startswith("--topology=")])
+    return compile_train_step(tcfg, topology[0])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,91 @@
+"""sample.py: KV-cache generation equals full forward passes and Hugging Face; sampling options."""
+import dataclasses
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+import convert
+import model
+import sample
+
+# small GQA model (2 query heads per kv head); output scaled so greedy never sees near-ties
+CFG = model.Config(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
+                   dtype="float32")
+PROMPT = [1, 17, 42, 99, 5, 63, 8]
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
+    return {**p, "output": p["output"] * 30}
+
+
+def greedy_without_cache(params, tokens, n):
+    """A full forward pass per new token (over the context padded to max_seq_len: one compile)."""
+    forward = jax.jit(model.forward, static_argnums=2)
+    tokens = list(tokens)
+    for _ in range(n):
+        padded = jnp.asarray([tokens + [0] * (CFG.max_seq_len - len(tokens))])
+        tokens.append(int(jnp.argmax(forward(params, padded, CFG)[0, len(tokens) - 1])))
+    return tokens[-n:]
+
+
+def test_cached_greedy_equals_full_forward_each_step(params):
+    out = sample.generate(params, CFG, PROMPT, 24)
+    assert out == greedy_without_cache(params, PROMPT, 24)
+    assert len(set(out)) > 3  # not a degenerate constant sequence
+
+
+def test_greedy_equals_transformers_generate(params, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    convert.save_hf(params, CFG, str(tmp_path), dtype="float32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ours without stop tokens
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert sample.generate(params, CFG, PROMPT, 16) == ref[0, len(PROMPT):].tolist()
+
+
+def test_stop_tokens_context_and_vocab_limit(params):
+    greedy = sample.generate(params, CFG, PROMPT, 10)
+    assert sample.generate(params, CFG, PROMPT, 10, stop_tokens=(greedy[3],)) == greedy[:greedy.index(greedy[3]) + 1]
+    assert len(sample.generate(params, CFG, PROMPT, 1000)) == CFG.max_seq_len - len(PROMPT)  # stops at the context
+    assert max(sample.generate(params, CFG, PROMPT, 10, vocab_size=min(greedy))) < min(greedy)
+    with pytest.raises(ValueError, match="prompt has 64 tokens.*context of 64"):
+        sample.generate(params, CFG, [1] * 64, 5)
+
+
+def test_sampling_options(params):
+    greedy = sample.generate(params, CFG, PROMPT, 8)
+    assert sample.generate(params, CFG, PROMPT, 8, temperature=1.0, top_k=1, seed=3) == greedy
+    assert sample.generate(params, CFG, PROMPT, 8, temperature=1.0, top_p=1e-6, seed=3) == greedy
+    draws = [sample.generate(params, CFG, PROMPT, 8, temperature=2.0, seed=s) for s in (1, 1, 2)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 2000)
+    counts = lambda **kw: np.bincount(np.asarray(jax.vmap(lambda k: sample.sample_logits(logits, k, 1.0, kw['top_k'], kw['top_p'])[0])(keys)),
+                                      minlength=4)
+    assert counts(top_k=2, top_p=1.0)[2:].sum() == 0 and counts(top_k=3, top_p=1.0)[2] > 0
+    assert counts(top_k=0, top_p=0.75)[2:].sum() == 0 and counts(top_k=0, top_p=0.85)[2] > 0  # 0.5 + 0.3 reaches 0.8
+
+
+def test_load_hf_directory_with_added_tokens(params, tmp_path):
+    lines = [f"word{i % 50} text {i}" for i in range(500)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=123,
+                                   byte_fallback=False, num_threads=1, pad_id=-1, minloglevel=2)
+    convert.save_hf(params, CFG, str(tmp_path), dtype="float32")
+    (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 124, "<|im_start|>": 123}))
+    p, cfg, tok = sample.load(str(tmp_path))
+    assert cfg == dataclasses.replace(CFG, dtype="bfloat16") and tok.added == {"<|im_start|>": 123, "<|im_end|>": 124}
+    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+    (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 125}))
+    with pytest.raises(ValueError, match="without gaps"):
+        sample.load(str(tmp_path))
