@@ -275,3 +275,24 @@ def test_export_checkpoint_to_hf(reference, tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.forward(params, jnp.asarray(tokens), MICRO), expected, atol=1e-4)
+
+
+def test_init_from_hf_and_checkpoint(reference, tmp_path):
+    """init_from="hf:DIR" / "ckpt:DIR" load straight into the sharded params of the configured mesh."""
+    import checkpoint
+    import convert
+    mesh = sharding.make_mesh(2, 2, 2)
+    params = model.init_params(MICRO, jax.random.key(7))
+    convert.save_hf(params, MICRO, str(tmp_path), dtype="float32")
+    from_ckpt = train.load_params(f"ckpt:{reference[0]}", MICRO, mesh)
+    reader = checkpoint.Reader(checkpoint.latest(str(reference[0])))
+    for source, expected in (("hf", params), ("ckpt", None)):
+        loaded = train.load_params(f"hf:{tmp_path}", MICRO, mesh) if source == "hf" else from_ckpt
+        shardings = dict(convert._flat(sharding.param_shardings(MICRO, mesh)))
+        for key, a in convert._flat(loaded):
+            assert a.sharding == shardings[key]
+            want = convert._flat(expected) if expected is not None else None
+            want = dict(want)[key] if want else reader.read("params/" + key)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(want))
+    with pytest.raises(ValueError, match="is not the configured"):
+        train.load_params(f"hf:{tmp_path}", dataclasses.replace(MICRO, n_layers=3), mesh)
