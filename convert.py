@@ -20,6 +20,7 @@ q/k rows are already in the rotate-half RoPE layout that model.py uses: no permu
 import json
 import math
 import os
+import shutil
 import struct
 import sys
 
@@ -340,6 +341,12 @@ def main(argv):
     cfg = model.Config(**reader.meta["model"])
     params = _unflat((key, _SavedParam(reader, "params/" + key)) for key, _ in _flat(model.param_shapes(cfg)))
     save_hf(params, cfg, dst, options.get("dtype", "bfloat16"))
+    import sample  # the run's tokenizer goes along, so the directory is complete
+    tokenizer = sample.run_tokenizer(reader.meta["config"])
+    shutil.copy(tokenizer.model_path, os.path.join(dst, "tokenizer.model"))
+    if tokenizer.added:
+        with open(os.path.join(dst, "added_tokens.json"), "w") as f:
+            json.dump(tokenizer.added, f, indent=2)
     print(f"wrote {dst} from {src} ({model.param_count(cfg):,} params)")
 
 

@@ -93,6 +93,7 @@ class Tokenizer:
     def __init__(self, model_path: str, added_tokens: tuple[str, ...] = ()):
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
+        self.model_path = model_path
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         base = self.sp.get_piece_size()
         self.added = {tok: base + i for i, tok in enumerate(added_tokens)}

@@ -108,6 +108,12 @@ def generate(params, cfg: model.Config, prompt_tokens, max_new_tokens: int, *, t
     return out
 
 
+def run_tokenizer(run: dict) -> data.Tokenizer:
+    """The tokenizer a training run used, from its config (meta.json's "config")."""
+    base = run["tokenizer"] or data.demo_corpus(data.demo_dir(run["out_dir"]))[1]  # as in training
+    return sft.chat_tokenizer(base) if "epochs" in run else data.Tokenizer(base)  # an SFTConfig
+
+
 def load(path: str):
     """(params on one device, model config, tokenizer) of a training out_dir or checkpoint
     directory, or of a Hugging Face Llama directory."""
@@ -120,8 +126,7 @@ def load(path: str):
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device),
                               jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0))))
         params = checkpoint.restore(ckpt, {"params": target})[0]["params"]
-        base = run["tokenizer"] or data.demo_corpus(data.demo_dir(run["out_dir"]))[1]  # as in training
-        return params, cfg, sft.chat_tokenizer(base) if "epochs" in run else data.Tokenizer(base)  # an SFTConfig
+        return params, cfg, run_tokenizer(run)
     import convert
     cfg, params = convert.load_hf(path)
     added = {}

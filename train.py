@@ -293,7 +293,7 @@ def train(tcfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.
         if nonfinite >= tcfg.max_nonfinite_steps:
             raise SystemExit(f"stopping: {nonfinite} consecutive non-finite losses (updates skipped) up to "
                              f"step {step}; the last checkpoint in {tcfg.out_dir} is intact")
-        if step % tcfg.log_every and not metrics["skipped"] and step != tcfg.steps:
+        if step % tcfg.log_every and not metrics["skipped"] and step not in (start + 1, tcfg.steps):
             return
         now = time.time()
         tokens_per_sec = (step - last_log[0]) * tcfg.batch_size * tcfg.seq_len / (now - last_log[1])

@@ -1,0 +1,78 @@
+"""TPU memory and MFU table from this CPU: aot.py's real TPU compile of the train step, row by row.
+
+    python bench/aot.py                 # lemur70b on v4-512 at 16/8/4/2 microbatches, llama2_7b on v4-8, v4-32
+    python bench/aot.py --rows 7b       # only the llama2_7b rows
+    python bench/aot.py --smoke         # a tiny model on v4-8; tests/test_bench.py runs it
+
+Each row is `aot.compile_train_step(config, topology)` (the same call as `python aot.py CONFIG
+--topology=...`): train.py's step lowered on the slice's compile-only devices and compiled by
+libtpu. Per chip HBM from `compiled.memory_analysis()`: arguments (the state and one batch),
+temporaries, total = arguments + outputs + temporaries - aliased (the donated state); the
+breakdown is read from the lines aot.py prints. "mfu" is aot.py's analytic estimate, not a
+measurement. Needs libtpu (`pip install jax[tpu]`); each compile takes ~30-60 s on two CPU cores.
+Last line: one JSON object with every row.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import aot  # noqa: E402
+import config  # noqa: E402
+import model  # noqa: E402
+
+# (name, config file or TrainConfig, overrides, topology)
+ROWS = {
+    "70b": [("lemur70b", "configs/lemur70b.py", [f"--microbatches={m}"], "v4-512") for m in (16, 8, 4, 2)],
+    "7b": [("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,4,1", "--microbatches=64"], "v4-8"),
+           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,4,1", "--microbatches=256"], "v4-8"),
+           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=16"], "v4-32"),
+           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=4"], "v4-32"),
+           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=2"], "v4-32")],
+}
+SMOKE = ("tiny", config.TrainConfig(model=model.Config(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                         ffn_dim=256, max_seq_len=128),
+                                    batch_size=16, seq_len=128, microbatches=2, mesh=(1, 2, 2)), [], "v4-8")
+BREAKDOWN = re.compile(r"^\s+(argument|output|temp|alias|total)\s+(-?[\d.]+) GiB per chip$", re.M)
+
+
+def run(name, cfg, overrides, topology) -> dict:
+    """One row: compile, and return aot.py's JSON result plus the HBM breakdown it printed."""
+    tcfg = config.load(os.path.join(ROOT, cfg), overrides) if isinstance(cfg, str) else cfg
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = aot.compile_train_step(tcfg, topology)
+    parts = {k: float(v) for k, v in BREAKDOWN.findall(out.getvalue())}
+    return {"model": name, **result, "argument_gib": parts.get("argument"), "temp_gib": parts.get("temp"),
+            "output_gib": parts.get("output"), "alias_gib": parts.get("alias")}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", choices=("all", *ROWS), default="all")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    rows = [SMOKE] if args.smoke else [r for k, rs in ROWS.items() if args.rows in ("all", k) for r in rs]
+    results = []
+    print("| model | slice | mesh (data, fsdp, tensor) | microbatches | arguments GiB | temporaries GiB "
+          "| total GiB/chip | fits | compile s | MFU estimate |")
+    print("|" + "---|" * 10)
+    for row in rows:
+        r = run(*row)
+        results.append(r)
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"
+        print(f"| {r['model']} | {r['topology']} | {tuple(r['mesh'])} | {r['microbatches']} | {fmt(r['argument_gib'])} "
+              f"| {fmt(r['temp_gib'])} | {fmt(r['hbm_per_chip_gib'])} | {'yes' if r['fits'] else 'no'} "
+              f"| {r['compile_seconds']} | {r['mfu_estimate']:.3f} |", flush=True)
+    print(json.dumps({"rows": results, "smoke": args.smoke}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

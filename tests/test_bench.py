@@ -1,0 +1,35 @@
+"""Smoke runs of the benchmarks on tiny sizes, so they cannot silently rot (they are not timed tests).
+bench/data.py's smoke run lives in tests/test_data.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(*args, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 forced devices
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_step_benchmark_smoke():
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    result = run_bench("bench/step.py", "--smoke", "--kv_heads=2")
+    for key in ("ours_tokens_per_sec", "hf_torch_tokens_per_sec", "ratio", "flops_fraction_of_matmul"):
+        assert result[key] > 0, result
+    assert result["smoke"] and result["dims"]["kv_heads"] == 2
+
+
+def test_aot_benchmark_smoke():
+    from test_aot import tpu_available
+    if not tpu_available():
+        pytest.skip("libtpu (jax[tpu]) cannot describe TPU topologies here")
+    (row,) = run_bench("bench/aot.py", "--smoke")["rows"]
+    assert row["topology"] == "v4-8" and row["fits"] and 0 <= row["hbm_per_chip_gib"] < 1, row
+    assert row["argument_gib"] is not None and row["temp_gib"] is not None, row
