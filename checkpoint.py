@@ -91,6 +91,7 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
     tmp = final + ".tmp"
     proc = jax.process_index()
     if proc == 0:
+        os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(out_dir):  # leftovers of an interrupted save
             if name.endswith(".tmp"):
                 shutil.rmtree(os.path.join(out_dir, name))

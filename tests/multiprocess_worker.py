@@ -1,9 +1,10 @@
 """One of the processes of tests/test_sharding.py's multi-process test (not a test itself).
 
-    python tests/multiprocess_worker.py OUT.npz   # with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
+    python tests/multiprocess_worker.py OUT.npz CKPT_DIR   # with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
 
 Joins the others through sharding.initialize_distributed (gloo collectives on CPU), supplies only
-its own rows of the test batch, and writes the loss and the gathered gradients (process 0 only).
+its own rows of the test batch, writes the loss and the gathered gradients (process 0 only), and
+saves the params as checkpoint 1 in CKPT_DIR, each process writing only its own shards.
 """
 import os
 import sys
@@ -16,6 +17,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+import checkpoint  # noqa: E402
 import sharding  # noqa: E402
 from test_sharding import GQA, MP_MESH, batch_for  # noqa: E402
 
@@ -35,3 +37,4 @@ grads = multihost_utils.process_allgather(grads, tiled=True)
 if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     np.savez(sys.argv[1], loss=float(loss), count=float(count), **flat)
+checkpoint.save(sys.argv[2], 1, {"params": params}, {"process": jax.process_index()}, {}, keep=1)
