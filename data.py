@@ -339,6 +339,7 @@ class Loader:
         self.rows_per_stream = batch_size // num_streams
         per_process = num_streams // process_count
         self.streams = range(process_index * per_process, (process_index + 1) * per_process)
+        self.process_index, self.process_count = process_index, process_count
         self._skips, self._eval, self._thread = _Skips(bad_records), {}, None
         self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="tokenize")
         self.row_sources = []  # the source name of each row of the last batch
@@ -346,8 +347,8 @@ class Loader:
                                "rows": {s.name: 0 for s in self.sources},
                                "streams": {str(j): {s.name: [0, 0, 0, 0] for s in self.sources} for j in self.streams}})
 
-    def _packers(self, state, held_out):
-        return {(j, i): _Packer(_documents(src, self.files[i], j, self.num_streams, self.seed, held_out,
+    def _packers(self, state):
+        return {(j, i): _Packer(_documents(src, self.files[i], j, self.num_streams, self.seed, False,
                                            state[str(j)][src.name][:3], self._skips), state[str(j)][src.name])
                 for j in self.streams for i, src in enumerate(self.sources)}
 
@@ -382,7 +383,7 @@ class Loader:
 
     def _produce(self, state, out: queue.Queue, stop: threading.Event):
         try:
-            packers = self._packers(state["streams"], held_out=False)
+            packers = self._packers(state["streams"])
             counts = [state["rows"][s.name] for s in self.sources]
             batch = state["batch"]
             while not stop.is_set():
@@ -441,18 +442,21 @@ class Loader:
         return dict(self._skips.counts)
 
     def eval_batches(self, n_batches: int) -> dict:
-        """{source: n_batches batch dicts} of held-out documents, this process's rows, the same every call."""
+        """{source: n_batches batch dicts} of held-out documents, this process's rows, the same every
+        call. Held-out documents are few, so they are read as one stream (a per-stream split could
+        leave a stream with none): every process packs the same global batches and keeps its rows."""
         if n_batches not in self._eval:
-            start = {str(j): {s.name: [0, 0, 0, 0] for s in self.sources} for j in self.streams}
-            packers, batches = self._packers(start, held_out=True), {}
+            batch_size = self.rows_per_stream * self.num_streams
+            local = slice(self.process_index * batch_size // self.process_count,
+                          (self.process_index + 1) * batch_size // self.process_count)
+            self._eval[n_batches] = {}
             for i, src in enumerate(self.sources):
-                mine = [packers[j, i] for j in self.streams]
-                batches[src.name] = []
+                packer = _Packer(_documents(src, self.files[i], 0, 1, self.seed, True, (0, 0, 0), self._skips), [0] * 4)
+                self._eval[n_batches][src.name] = []
                 for _ in range(n_batches):
-                    self._fill({p: self.rows_per_stream * (self.seq_len + 1) for p in mine})
-                    rows = [p.take(self.seq_len + 1) for p in mine for _ in range(self.rows_per_stream)]
-                    batches[src.name].append(self._batch(np.stack(rows)))
-            self._eval[n_batches] = batches
+                    self._fill({packer: batch_size * (self.seq_len + 1)})
+                    rows = np.stack([packer.take(self.seq_len + 1) for _ in range(batch_size)])
+                    self._eval[n_batches][src.name].append(self._batch(rows[local]))
         return self._eval[n_batches]
 
     def _halt(self):
