@@ -32,10 +32,8 @@ import model  # noqa: E402
 ROWS = {
     "70b": [("lemur70b", "configs/lemur70b.py", [f"--microbatches={m}"], "v4-512") for m in (16, 8, 4, 2)],
     "7b": [("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,4,1", "--microbatches=64"], "v4-8"),
-           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,4,1", "--microbatches=256"], "v4-8"),
            ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=16"], "v4-32"),
-           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=4"], "v4-32"),
-           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=2"], "v4-32")],
+           ("llama2_7b", "configs/llama2_7b.py", ["--mesh=1,16,1", "--microbatches=4"], "v4-32")],
 }
 SMOKE = ("tiny", config.TrainConfig(model=model.Config(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                                          ffn_dim=256, max_seq_len=128),

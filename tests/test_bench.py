@@ -12,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_bench(*args, timeout=120):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 forced devices
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # test_aot.py's libtpu in this process holds its lockfile
     out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
