@@ -516,7 +516,7 @@ def _stdlib_documents():
     return code, prose
 
 
-def demo_corpus(cache_dir: str, vocab_size: int = 4096) -> tuple[tuple[Source, ...], str]:
+def demo_corpus(cache_dir: str, vocab_size: int = 1024) -> tuple[tuple[Source, ...], str]:
     """The built-in corpus (code:text = 10:1, as Lemur) and a BPE tokenizer trained on it, built once.
 
     Written to {cache_dir}/demo{DEMO_VERSION}-py{X}{Y}-v{vocab_size}/ (code.jsonl, text.jsonl, tokenizer.model):

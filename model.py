@@ -45,8 +45,10 @@ class Config:
 LLAMA2_7B = Config(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008)
 LLAMA2_13B = Config(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824)
 LLAMA2_70B = Config(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672)
-# ~15M params, for the CPU demo run (configs/tiny.py); vocab matches the demo tokenizer
-TINY = Config(vocab_size=4096, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, max_seq_len=256, dtype="float32")
+# 6.3M params, for the CPU demo (configs/tiny.py): vocab of the demo tokenizer, fp32 and no
+# remat (a CPU has memory to spare; recomputing the forward pass would cost a quarter of the step)
+TINY = Config(vocab_size=1024, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, ffn_dim=688, max_seq_len=256,
+              dtype="float32", remat="none")
 PRESETS = {"tiny": TINY, "llama2_7b": LLAMA2_7B, "llama2_13b": LLAMA2_13B, "llama2_70b": LLAMA2_70B}
 
 

@@ -174,9 +174,9 @@ def start(cfg_path, devices=4, *args, code=None):
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run(cfg_path, devices=4, *args, code=None):
+def run(cfg_path, devices=4, *args, code=None, timeout=300):
     proc = start(cfg_path, devices, *args, code=code)
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 
 
@@ -296,3 +296,20 @@ def test_init_from_hf_and_checkpoint(reference, tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(want))
     with pytest.raises(ValueError, match="is not the configured"):
         train.load_params(f"hf:{tmp_path}", dataclasses.replace(MICRO, n_layers=3), mesh)
+
+
+def test_tiny_run_halves_its_loss(tmp_path):
+    """The README's main job end to end: python train.py configs/tiny.py (demo corpus built here)."""
+    import checkpoint
+    out_dir = tmp_path / "tiny"
+    rc, out = run(os.path.join(ROOT, "configs/tiny.py"), 1, f"--out_dir={out_dir}", timeout=1800)
+    assert rc == 0, out[-3000:]
+    tcfg = config.load(os.path.join(ROOT, "configs/tiny.py"))
+    log = losses(out_dir)
+    final = np.mean([log[s] for s in sorted(log)[-3:]])  # the last logged steps: per-batch noise
+    assert final <= log[1] / 2, log
+    with open(out_dir / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "eval/code" in r]
+    assert evals and evals[-1]["step"] == tcfg.steps and "eval/text" in evals[-1]
+    assert checkpoint.committed(str(out_dir))[-1] == tcfg.steps
+    assert f"sample: {tcfg.sample_prompt}" in out
