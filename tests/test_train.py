@@ -110,7 +110,7 @@ def test_bad_config_values_fail_before_compile(tmp_path):
     mcfg = train.model_config(tcfg)
     with pytest.raises(ValueError, match=r"mesh=\(1, 4, 4\).*needs 16 devices.*has 8"):
         train.validate(dataclasses.replace(tcfg, mesh=(1, 4, 4)), mcfg)
-    with pytest.raises(ValueError, match="batch_size=16 is not divisible by microbatches=3"):
+    with pytest.raises(ValueError, match=f"batch_size={tcfg.batch_size} is not divisible by microbatches=3"):
         train.validate(dataclasses.replace(tcfg, mesh=(1, 2, 4), microbatches=3), mcfg)
     with pytest.raises(ValueError, match="init_from"):
         train.validate(dataclasses.replace(tcfg, mesh=(1, 2, 4), init_from="/some/dir"), mcfg)
