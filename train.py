@@ -283,13 +283,16 @@ def train(tcfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.
         return record
 
     bar = tqdm(range(start, tcfg.steps), initial=start, total=tcfg.steps, disable=not main_process)
-    nonfinite, last_log = 0, (start, time.time())
+    nonfinite, last_log, interval_losses = 0, (start, time.time()), []
 
     def report(step, metrics):
-        """Log step `step`'s metrics (read one step late, so the device is already busy)."""
+        """Log step `step`'s metrics (read one step late, so the device is already busy). The
+        logged loss is the mean over the steps since the previous record: one batch is noisy."""
         nonlocal nonfinite, last_log
         metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
         nonfinite = nonfinite + 1 if metrics["skipped"] else 0
+        if not metrics["skipped"]:
+            interval_losses.append(metrics["loss"])
         if nonfinite >= tcfg.max_nonfinite_steps:
             raise SystemExit(f"stopping: {nonfinite} consecutive non-finite losses (updates skipped) up to "
                              f"step {step}; the last checkpoint in {tcfg.out_dir} is intact")
@@ -298,11 +301,13 @@ def train(tcfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.
         now = time.time()
         tokens_per_sec = (step - last_log[0]) * tcfg.batch_size * tcfg.seq_len / (now - last_log[1])
         last_log = (step, now)
-        record = {"step": step, "loss": metrics["loss"], "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+        loss = sum(interval_losses) / len(interval_losses) if interval_losses else metrics["loss"]
+        interval_losses.clear()
+        record = {"step": step, "loss": loss, "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
                   "tokens": step * tcfg.batch_size * tcfg.seq_len, "tokens_per_sec": tokens_per_sec,
                   "mfu": flops * tokens_per_sec / (peak * jax.device_count()) if peak else None,
                   "skipped": bool(metrics["skipped"])}
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_sec:.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_sec:.0f}")
         if main_process:
             log_metrics(tcfg.out_dir, record)
 
