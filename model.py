@@ -4,7 +4,8 @@ Pre-norm RMSNorm, rotary embeddings in the rotate-half layout that Hugging Face 
 (their wq/wk load without permutation), grouped-query attention, SwiGLU MLP, untied embeddings,
 no biases. Params are a plain nested dict of fp32 arrays; per-layer weights are stacked on a
 leading layer axis and run through one `lax.scan` under `jax.checkpoint`. Matmuls run in
-`cfg.dtype` (bf16 by default), softmax, logits and the loss in fp32.
+`cfg.dtype` (bf16 by default), softmax, logits and the loss in fp32. Attention is flash-style
+(causal_attention: blocked, the masked triangle skipped, its own backward pass).
 
 The blocks (`attention`, `mlp`, `rms_norm`, ...) read head counts from the weights they are given,
 not from the config, so sharding.py can call them on its local shards (a tensor-parallel device
@@ -16,9 +17,11 @@ heads per kv head, H head dim, V vocab, L layers.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -120,11 +123,16 @@ def rms_norm(x, weight, eps):
 
 
 def rope_tables(positions, head_dim, theta):
-    """cos, sin of shape (T, H) for the rotate-half layout: frequency i drives dims i and i+H/2."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, H/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)  # (T, H)
-    return jnp.cos(angles), jnp.sin(angles)
+    """cos, sin of shape (T, H) for the rotate-half layout: frequency i drives dims i and i+H/2.
+    Computed in fp32 like Hugging Face's. Positions given as a numpy array (training's 0..T-1)
+    give numpy tables, which XLA embeds as constants; from traced positions XLA would recompute
+    cos and sin inside every fusion that reads them, once per element of q and k (~15x the cost
+    of the rotation itself on a CPU)."""
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    inv_freq = 1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)
+    angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :].astype(xp.float32)  # (T, H/2)
+    angles = xp.concatenate([angles, angles], axis=-1)  # (T, H)
+    return xp.cos(angles), xp.sin(angles)
 
 
 def apply_rope(x, cos, sin):
@@ -135,61 +143,173 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
-def attend(q, k, v, mask, block=512):
-    """Causal grouped-query attention. q (B, T, N, H), k/v (B, S, K, H), mask (B|1, T, S) bool.
-    Scores and softmax in fp32. Each kv head serves G = N/K consecutive query heads.
-
-    Long self-attention (T == S, a multiple of `block` above it) runs as a loop over query blocks
-    of `block` rows, each under jax.checkpoint: neither pass holds more than a (block, T) fp32
-    score matrix per head instead of (T, T)."""
-    B, T, N, H = q.shape
-    if T != k.shape[1] or T <= block or T % block:
-        return _attend_block(q, k, v, mask)
-    q_blocks = q.reshape(B, T // block, block, N, H).swapaxes(0, 1)  # (T/block, B, block, N, H)
-    mask_blocks = mask.reshape(mask.shape[0], T // block, block, T).swapaxes(0, 1)
-    out = jax.lax.map(jax.checkpoint(lambda qm: _attend_block(qm[0], k, v, qm[1])), (q_blocks, mask_blocks))
-    return out.swapaxes(0, 1).reshape(B, T, N, H)
+NEG_INF = float(jnp.finfo(jnp.float32).min)  # a masked score: exp() of it minus anything is 0
 
 
-def _attend_block(q, k, v, mask):
-    """attend() for queries q (B, T, N, H) against all keys k/v (B, S, K, H), mask (B|1, T, S)."""
+def attend(q, k, v, mask):
+    """Grouped-query attention of q (B, T, N, H) over k/v (B, S, K, H) under any mask (B|1, T, S)
+    bool: the plain form, used by generation against a KV cache (sample.py). Training's causal
+    self-attention is causal_attention below. Scores and softmax in fp32; each kv head serves
+    G = N/K consecutive query heads."""
     B, T, N, H = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(H)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(H)
+    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(B, T, N, H)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
 
 
-def causal_mask(T, segment_ids=None):
-    """(1|B, T, T) bool: position t sees s <= t (and only its own document, given segment ids)."""
-    mask = jnp.tril(jnp.ones((T, T), bool))[None]
+def causal_attention(q, k, v, segment_ids=None, block=128):
+    """Causal grouped-query self-attention, softmax(q k^T / sqrt(H) + causal mask) v, computed
+    flash-style. q (B, T, N, H), k/v (B, T, K, H); with segment_ids (B, T) a token only sees
+    earlier tokens of its own segment (packed documents). Kv head j serves query heads
+    j G .. j G + G - 1 (G = N/K).
+
+    Queries go in blocks of `block` rows, and block i is multiplied only against the keys it can
+    see, [0, end of block i): the masked upper triangle is never computed (with 4 blocks, 6 of the
+    16 score tiles are skipped; with many, nearly half). The forward pass keeps each row's
+    log-sum-exp instead of its probabilities, and the backward pass recomputes one block's
+    probabilities at a time from it (FlashAttention-2's algorithm, written with jnp ops): no
+    (T, T) matrix is ever held, whatever T. Scores, softmax and its statistics are fp32; matmul
+    inputs stay in q/k/v's dtype."""
+    return _flash(q, k, v, segment_ids, block)
+
+
+def _flash_inputs(q, k, v, block):
+    """The layouts the matmuls want: q as a list of query blocks, each (B, K, G R, H) for R rows
+    (rows g-major within the block) and pre-scaled by 1/sqrt(H); k and v as (B, K, T, H)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    blocks = []
+    for start in range(0, T, block):
+        qb = (q[:, start:start + block].astype(jnp.float32) / math.sqrt(H)).astype(q.dtype)
+        R = qb.shape[1]
+        blocks.append(qb.reshape(B, R, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, H))
+    return blocks, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def _flash_scores(qb, kt, segment_ids, start, G):
+    """Masked fp32 scores (B, K, G, R, E) of the query block of rows start .. start + R - 1
+    against the keys it can see, 0 .. E - 1 (E = start + R)."""
+    B, K, GR, _ = qb.shape
+    R = GR // G
+    E = start + R
+    scores = jnp.einsum("bkqh,bksh->bkqs", qb, kt[:, :, :E], preferred_element_type=jnp.float32)
+    pos = jnp.arange(E)
+    visible = (pos[start:, None] >= pos[None, :])[None]  # (1, R, E)
     if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
+        visible = visible & (segment_ids[:, start:E, None] == segment_ids[:, None, :E])
+    return jnp.where(visible[:, None, None], scores.reshape(B, K, G, R, E), NEG_INF)
 
 
-def attention(lp, x, cos, sin, mask, dtype):
-    """Attention block without its residual. x (B, T, D) normed; lp holds wq/wk/wv/wo (local
-    heads under tensor parallelism: the output is then a partial sum over heads)."""
+def _flash_forward(q, k, v, segment_ids, block):
+    """-> (out (B, T, N, H), log-sum-exp of each score row (B, K, G, T, 1) fp32)."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    blocks, kt, vt = _flash_inputs(q, k, v, block)
+    outs, lses = [], []
+    for i, qb in enumerate(blocks):
+        if outs:  # one block at a time (see _flash_bwd)
+            qb, _ = jax.lax.optimization_barrier((qb, outs[-1]))
+        scores = _flash_scores(qb, kt, segment_ids, i * block, G)  # (B, K, G, R, E)
+        R, E = scores.shape[-2:]
+        top = jnp.max(scores, axis=-1, keepdims=True)
+        p = jnp.exp(scores - top)  # unnormalised probabilities
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        out = jnp.einsum("bkqs,bksh->bkqh", p.reshape(B, K, G * R, E).astype(v.dtype), vt[:, :, :E],
+                         preferred_element_type=jnp.float32)
+        outs.append(out.reshape(B, K, G, R, H) / total)
+        lses.append(top + jnp.log(total))
+    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+    return out, jnp.concatenate(lses, axis=3)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, segment_ids, block):
+    return _flash_forward(q, k, v, segment_ids, block)[0]
+
+
+def _flash_fwd(q, k, v, segment_ids, block):
+    out, lse = _flash_forward(q, k, v, segment_ids, block)
+    return out, (_flash_inputs(q, k, v, block), segment_ids, out, lse)
+
+
+def _flash_bwd(block, residuals, dout):
+    """dS = P * (dP - rowsum(dO * O)) per query block, P recomputed from the saved log-sum-exp."""
+    (blocks, kt, vt), segment_ids, out, lse = residuals
+    B, T, N, H = out.shape
+    K = kt.shape[1]
+    G = N // K
+    dot = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    # rowsum(dO * O) (B, K, G, T, 1) and dO in the blocks' layout (B, K, G, T, H)
+    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = delta.reshape(B, T, K, G).transpose(0, 2, 3, 1)[..., None]
+    dout = dout.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
+    dqs, dk, dv = [], 0.0, 0.0  # dk, dv as (B, K, H, T), the layout their fastest matmul form gives
+    for i, qb in enumerate(blocks):
+        if i:  # one block at a time: left free, XLA may schedule every block's (R, E) matrices at
+            qb, dk = jax.lax.optimization_barrier((qb, dk))  # once (+4.5 GiB per chip on lemur70b)
+        start = i * block
+        scores = _flash_scores(qb, kt, segment_ids, start, G)
+        R, E = scores.shape[-2:]
+        rows = slice(start, start + R)
+        p = jnp.exp(scores - lse[:, :, :, rows])  # (B, K, G, R, E)
+        do = dout[:, :, :, rows].reshape(B, K, G * R, H)
+        dp = dot("bkqh,bksh->bkqs", do, vt[:, :, :E]).reshape(B, K, G, R, E)
+        ds = (p * (dp - delta[:, :, :, rows])).reshape(B, K, G * R, E).astype(qb.dtype)
+        p = p.reshape(B, K, G * R, E).astype(do.dtype)
+        pad = ((0, 0), (0, 0), (0, 0), (0, T - E))
+        dv = dv + jnp.pad(dot("bkqh,bkqs->bkhs", do, p), pad)  # dO^T P, summed over the G heads
+        dk = dk + jnp.pad(dot("bkqh,bkqs->bkhs", qb, ds), pad)  # (q / sqrt(H))^T dS
+        dqs.append(dot("bkqs,bksh->bkqh", ds, kt[:, :, :E]).reshape(B, K, G, R, H))
+    dq = jnp.concatenate(dqs, axis=3) / math.sqrt(H)
+    dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(out.dtype)
+    dk, dv = (d.transpose(0, 3, 1, 2).astype(kt.dtype) for d in (dk, dv))
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def dense(x, w, contract=1, **kwargs):
+    """x (..., in) times w (in, ...) -> (..., out), where `in` is the last `contract` dims of x and
+    the first of w, computed as one 2-D matmul (rows = all leading dims of x). Written this way,
+    the backward pass's matmuls need no transposed copies of activations on XLA CPU (an einsum
+    over batch and sequence dims made it copy each (B, T, F) gradient transposed)."""
+    lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
+    y = jnp.matmul(x.reshape(math.prod(lead), -1), w.reshape(math.prod(w.shape[:contract]), -1), **kwargs)
+    return y.reshape(*lead, *out)
+
+
+def attention(lp, x, cos, sin, segment_ids, dtype):
+    """Causal self-attention block without its residual. x (B, T, D) normed; lp holds
+    wq/wk/wv/wo (local heads under tensor parallelism: the output is then a partial sum over
+    heads); segment_ids (B, T) or None."""
     c = lambda w: w.astype(dtype)
-    q = jnp.einsum("btd,dnh->btnh", x, c(lp["wq"]))
-    k = jnp.einsum("btd,dkh->btkh", x, c(lp["wk"]))
-    v = jnp.einsum("btd,dkh->btkh", x, c(lp["wv"]))
+    q = dense(x, c(lp["wq"]))  # (B, T, N, H)
+    k = dense(x, c(lp["wk"]))  # (B, T, K, H)
+    v = dense(x, c(lp["wv"]))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = attend(q, k, v, mask)  # (B, T, N, H)
-    return jnp.einsum("btnh,nhd->btd", out, c(lp["wo"]))
+    out = causal_attention(q, k, v, segment_ids)  # (B, T, N, H)
+    return dense(out, c(lp["wo"]), contract=2)
 
 
 def mlp(lp, x, dtype):
     """SwiGLU: w_down(silu(x w_gate) * (x w_up)). x (B, T, D) normed; local F slice under TP."""
     c = lambda w: w.astype(dtype)
-    gate = jnp.einsum("btd,df->btf", x, c(lp["w_gate"]))
-    up = jnp.einsum("btd,df->btf", x, c(lp["w_up"]))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, c(lp["w_down"]))
+    gate, up = dense(x, c(lp["w_gate"])), dense(x, c(lp["w_up"]))
+    return dense(jax.nn.silu(gate) * up, c(lp["w_down"]))
+
+
+def scan_layers(layer, x, layers, policy: str):
+    """x -> layer(x, layer 0's weights) -> ... -> through all layers (`layers`: the stacked
+    per-layer weights), as one lax.scan with `layer` under remat(policy). Without remat ("none")
+    the loop is unrolled: a scan would copy every layer's saved activations into stacked buffers
+    and back (6-8% of a CPU step). With remat, the scan keeps compile time flat in depth."""
+    layer = remat(layer, policy)
+    return jax.lax.scan(lambda x, lp: (layer(x, lp), None), x, layers, unroll=policy == "none")[0]
 
 
 def remat(fn, policy: str):
@@ -214,22 +334,19 @@ def hidden(params, tokens, cfg: Config, segment_ids=None):
     """tokens (B, T) -> final normed hidden states (B, T, D) in cfg.dtype."""
     dtype = jnp.dtype(cfg.dtype)
     T = tokens.shape[1]
-    cos, sin = rope_tables(jnp.arange(T), cfg.head_dim, cfg.rope_theta)
-    mask = causal_mask(T, segment_ids)
+    cos, sin = rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta)
     x = params["embed"].astype(dtype)[tokens]  # (B, T, D)
 
     def layer(x, lp):
-        x = x + attention(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), cos, sin, mask, dtype)
-        x = x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), dtype)
-        return x, None
+        x = x + attention(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), cos, sin, segment_ids, dtype)
+        return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), dtype)
 
-    x, _ = jax.lax.scan(remat(layer, cfg.remat), x, params["layers"])
+    x = scan_layers(layer, x, params["layers"], cfg.remat)
     return rms_norm(x, params["norm"], cfg.norm_eps)
 
 
 def logits_from_hidden(params, h, cfg: Config):
-    return jnp.einsum("btd,dv->btv", h, params["output"].astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+    return dense(h, params["output"].astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def cross_entropy(logits, targets, weights=None):
