@@ -4,9 +4,7 @@
     python bench/step.py --kv_heads 2       # the grouped-query variant
     python bench/step.py --remat full       # our default remat policy instead of the CPU choice
     python bench/step.py --smoke            # tiny sizes; tests/test_bench.py runs it so it cannot rot
-
-XLA flags: our worker runs with --xla_cpu_experimental_ynn_fusion_type= (YNNPACK fusions off, ~1.7x
-faster on this step; see BENCHMARKS.md); `--xla_flags=` measures XLA's defaults instead.
+    python bench/step.py --xla_flags=--xla_cpu_experimental_ynn_fusion_type=   # extra XLA flags (ours)
 
 Ours: train.make_train_step (sharding.py's shard_map program on a (1, 1, 1) mesh, clip + Adam,
 donated state) on one microbatch of `batch` rows. Model knobs: remat "none" by default (a CPU has
@@ -18,7 +16,8 @@ torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0), zero_grad(set_to_none=True
 One worker process per side, both pinned to the same first `--threads` cores
 (os.sched_setaffinity, like taskset) plus torch.set_num_threads(threads); XLA sizes its CPU thread
 pool from the cores the process may run on, so both sides get the same cores. XLA_FLAGS from the
-environment reach our worker unchanged (and are printed in the JSON). Each worker builds its model, compiles/warms up, then waits; the parent asks them in
+environment (plus `--xla_flags`) reach our worker and are printed in the JSON; by default none.
+Each worker builds its model, compiles/warms up, then waits; the parent asks them in
 turn (A B A B ...) to time `--steps` steps, `--repeats` times, so load from anything else on the
 machine hits both sides alike. Reported: medians of the per-run tokens/s and the median of the
 per-pair ratios ours/theirs. Model FLOPs: train.flops_per_token (6 N per token + causal
@@ -34,9 +33,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# XLA CPU hands dots and the elementwise ops around them to YNNPACK fusions by default; on this
-# step that is ~1.7x slower than XLA's own fused loops and Eigen dots. An empty list turns it off.
-FAST_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 
 
 def parse_args(argv=None):
@@ -50,8 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--remat", default="none", help="our model.Config.remat: none, dots or full")
-    parser.add_argument("--xla_flags", default=FAST_FLAGS,
-                        help=f"XLA_FLAGS for our worker (default {FAST_FLAGS!r}; '' = XLA's defaults)")
+    parser.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for our worker (default: none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for each side")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternated")

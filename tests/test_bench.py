@@ -34,3 +34,10 @@ def test_aot_benchmark_smoke():
     (row,) = run_bench("bench/aot.py", "--smoke")["rows"]
     assert row["topology"] == "v4-8" and row["fits"] and 0 <= row["hbm_per_chip_gib"] < 1, row
     assert row["argument_gib"] is not None and row["temp_gib"] is not None, row
+
+
+def test_attention_benchmark_smoke():
+    pytest.importorskip("torch")
+    result = run_bench("bench/attention.py", "--smoke")
+    assert result["smoke"] and min(result["ours_ms"], result["plain_ms"], result["torch_sdpa_ms"]) > 0, result
+    assert result["grad_max_abs_diff"] < 1e-4, result  # ours agrees with the plain masked softmax
