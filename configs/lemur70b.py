@@ -20,7 +20,7 @@ config = TrainConfig(
     weight_decay=0.0,  # not in the paper: plain Adam
     batch_size=1024,
     seq_len=4096,
-    # 4 microbatches of 256 rows: 18.8 GiB of 32 per chip (python aot.py configs/lemur70b.py)
+    # 4 microbatches of 256 rows: 21.7 GiB of 32 per chip (python aot.py configs/lemur70b.py)
     microbatches=4,
     mesh=(1, 32, 8),  # fsdp 32 x tensor 8 = 256 chips
     sources=(
