@@ -130,7 +130,7 @@ def rope_tables(positions, head_dim, theta):
     of the rotation itself on a CPU)."""
     xp = np if isinstance(positions, np.ndarray) else jnp
     inv_freq = 1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)
-    angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :].astype(xp.float32)  # (T, H/2)
+    angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :]  # (T, H/2)
     angles = xp.concatenate([angles, angles], axis=-1)  # (T, H)
     return xp.cos(angles), xp.sin(angles)
 
@@ -204,11 +204,11 @@ def _flash_scores(qb, kt, segment_ids, start, G):
 
 
 def _flash_forward(q, k, v, segment_ids, block):
-    """-> (out (B, T, N, H), log-sum-exp of each score row (B, K, G, T, 1) fp32)."""
+    """-> (out (B, T, N, H), log-sum-exp of each score row (B, K, G, T, 1) fp32, _flash_inputs)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
-    blocks, kt, vt = _flash_inputs(q, k, v, block)
+    inputs = blocks, kt, vt = _flash_inputs(q, k, v, block)
     outs, lses = [], []
     for i, qb in enumerate(blocks):
         if outs:  # one block at a time (see _flash_bwd)
@@ -223,7 +223,7 @@ def _flash_forward(q, k, v, segment_ids, block):
         outs.append(out.reshape(B, K, G, R, H) / total)
         lses.append(top + jnp.log(total))
     out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
-    return out, jnp.concatenate(lses, axis=3)
+    return out, jnp.concatenate(lses, axis=3), inputs
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -232,8 +232,8 @@ def _flash(q, k, v, segment_ids, block):
 
 
 def _flash_fwd(q, k, v, segment_ids, block):
-    out, lse = _flash_forward(q, k, v, segment_ids, block)
-    return out, (_flash_inputs(q, k, v, block), segment_ids, out, lse)
+    out, lse, inputs = _flash_forward(q, k, v, segment_ids, block)
+    return out, (inputs, segment_ids, out, lse)
 
 
 def _flash_bwd(block, residuals, dout):
