@@ -5,17 +5,19 @@ it fits in HBM, with an analytic MFU estimate.
     python train.py configs/lemur70b.py --aot=v4-512          # the same, via train.py
 
 libtpu (`pip install jax[tpu]`) describes the slice's chips without any being attached
-(jax.experimental.topologies); the real step of train.py (forward, backward, gradient
+(jax.experimental.topologies); the real step of trainer.py (forward, backward, gradient
 accumulation over the microbatches, clipping, Adam, donated state) is lowered with
 jax.ShapeDtypeStruct arguments on a mesh of those chips and compiled by the real TPU compiler.
 `compiled.memory_analysis()` is per chip: arguments (the state and a batch) + outputs + temporaries
-- aliased (the donated state, reused for the new one). The last line printed is one JSON object.
+- aliased (the donated state, reused for the new one), returned as data (`hbm_bytes`); the last line
+printed is the whole result as one JSON object.
 
 MFU estimate (XLA's cost analysis does not count loop trip counts, so it is done by hand; the
 comms bounds are the scaling book's ring formulas, one bidirectional ICI link per axis, all
 collectives assumed to overlap with compute, comms of different axes summed):
-  model FLOPs/step     = tokens x (6 N + 6 L T D)          N: matmul params (not the embedding);
-                                                           6 L T D: causal QK^T and AV, fwd + bwd
+  model FLOPs/step     = tokens x model.flops_per_token    6 N + 6 L T D; N: matmul params (not
+                                                           the embedding); 6 L T D: causal QK^T
+                                                           and AV, forward and backward
   executed FLOPs/step  = model FLOPs + tokens x (2 N_layers + 2 L T D)  (full remat: forward again)
   compute time         = executed FLOPs / (chips x peak)
   fsdp comms           = M x 3 x (2 N / tensor) / W      gather fwd, gather again in bwd,
@@ -42,14 +44,15 @@ from jax.experimental import topologies  # noqa: E402
 import config  # noqa: E402
 import model  # noqa: E402
 import sharding  # noqa: E402
-import train  # noqa: E402
+import trainer  # noqa: E402
 
 GIB = 2 ** 30
-# per chip: (jax topology prefix, chip config, HBM GiB, peak bf16 FLOP/s, ICI bytes/s per axis,
-# tensor cores per chip (slice names count cores on v4/v5p, chips on v5e))
-CHIPS = {"v4": ("v4", "megacore", 32.0, 275e12, 9e10, 2),
-         "v5p": ("v5p", "megacore", 95.0, 459e12, 1.8e11, 2),
-         "v5e": ("v5e", "default", 16.0, 197e12, 9e10, 1)}
+# per chip: (jax topology prefix, chip config, HBM GiB, peak bf16 FLOP/s (trainer.PEAK_FLOPS, by
+# device kind), ICI bytes/s per axis, tensor cores per chip (slice names count cores on v4/v5p,
+# chips on v5e))
+CHIPS = {"v4": ("v4", "megacore", 32.0, trainer.PEAK_FLOPS["TPU v4"], 9e10, 2),
+         "v5p": ("v5p", "megacore", 95.0, trainer.PEAK_FLOPS["TPU v5p"], 1.8e11, 2),
+         "v5e": ("v5e", "default", 16.0, trainer.PEAK_FLOPS["TPU v5 lite"], 9e10, 1)}
 # torus shapes by chip count (v4/v5p: 3-D, v5e: 2-D)
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
@@ -88,7 +91,7 @@ def mfu_estimate(tcfg: config.TrainConfig, mcfg: model.Config, spec: dict) -> fl
     tokens = tcfg.batch_size * T
     n_matmul = model.param_count(mcfg) - mcfg.vocab_size * mcfg.dim  # the embedding is a lookup
     n_layers = n_matmul - mcfg.vocab_size * mcfg.dim - mcfg.dim  # the output layer is not recomputed
-    model_flops = tokens * (6 * n_matmul + 6 * L * T * D)
+    model_flops = tokens * model.flops_per_token(mcfg, T)
     compute = (model_flops + tokens * (2 * n_layers + 2 * L * T * D)) / (chips * peak)
     rows = tcfg.batch_size // M // (data * fsdp)
     comms = ((fsdp > 1) * M * 3 * 2 * n_matmul / tensor
@@ -98,22 +101,23 @@ def mfu_estimate(tcfg: config.TrainConfig, mcfg: model.Config, spec: dict) -> fl
 
 
 def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
-    """Compile train.py's step for the slice `topology`; print the HBM breakdown and a JSON line."""
+    """Compile trainer.py's step for the slice `topology`; print the HBM breakdown and a JSON line.
+    Returns the result: fits, hbm_per_chip_gib, hbm_bytes {argument, output, temp, alias, total} per
+    chip, compile_seconds, mfu_estimate (or an error when the compiler finds it does not fit)."""
     spec = slice_spec(topology)
-    mcfg = train.model_config(tcfg)
-    if tcfg.batch_size % tcfg.microbatches:
-        raise ValueError(f"batch_size={tcfg.batch_size} is not divisible by microbatches={tcfg.microbatches}")
+    mcfg = config.model_config(tcfg)
+    config.validate(tcfg, mcfg)
     mesh = sharding.make_mesh(*tcfg.mesh, devices=topology_devices(spec))
     rows = tcfg.batch_size // tcfg.microbatches
-    sharding.check_divisible(mcfg, mesh, rows, tcfg.seq_len)
     batch = {"tokens": jax.ShapeDtypeStruct((tcfg.microbatches, rows, tcfg.seq_len + 1), jnp.int32,
                                             sharding=sharding.batch_sharding(mesh, microbatched=True))}
-    result = {"topology": topology, "chips": spec["chips"], "hbm_per_chip_gib": None,
+    result = {"topology": topology, "chips": spec["chips"], "hbm_per_chip_gib": None, "hbm_bytes": None,
               "hbm_capacity_gib": spec["hbm_gib"], "fits": False, "mesh": list(tcfg.mesh),
               "microbatches": tcfg.microbatches, "compile_seconds": None,
               "mfu_estimate": round(mfu_estimate(tcfg, mcfg, spec), 3)}
+    tx = trainer.make_optimizer(tcfg)
     start = time.time()
-    lowered = train.make_train_step(tcfg, mcfg, mesh).lower(train.state_shapes(tcfg, mcfg, mesh), batch)
+    lowered = trainer.make_train_step(tcfg, tx, mcfg, mesh).lower(trainer.state_structs(tx, mcfg, mesh), batch)
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit in HBM
@@ -127,12 +131,13 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
     result["compile_seconds"] = round(time.time() - start, 1)
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    result["hbm_bytes"] = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+                           "temp": m.temp_size_in_bytes, "alias": -m.alias_size_in_bytes, "total": total}
     result["hbm_per_chip_gib"] = round(total / GIB, 2)
     result["fits"] = total <= spec["hbm_gib"] * GIB
     print(f"{tcfg.model} on {topology} ({spec['topology']}, {spec['chips']} chips), mesh (data, fsdp, tensor) = "
           f"{tuple(tcfg.mesh)}, {tcfg.microbatches} microbatches of {rows} x {tcfg.seq_len} tokens")
-    for name, size in [("argument", m.argument_size_in_bytes), ("output", m.output_size_in_bytes),
-                       ("temp", m.temp_size_in_bytes), ("alias", -m.alias_size_in_bytes), ("total", total)]:
+    for name, size in result["hbm_bytes"].items():
         print(f"  {name:>8} {size / GIB:8.2f} GiB per chip")
     if not result["fits"]:
         print(f"{topology}: does not fit: {total / GIB:.2f} GiB per chip > {spec['hbm_gib']} GiB of HBM")

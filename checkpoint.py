@@ -3,7 +3,8 @@
 A checkpoint is a directory `out_dir/step_00001000/`:
     shards.p00000.safetensors   this process's shards of every array (one file per process)
     data.p00000.json            this process's data-loader position
-    meta.json                   step, config, seed (process 0)
+    tokenizer.model             the run's sentencepiece model, copied in (process 0)
+    meta.json                   step, run config, model config, seed, the tokenizer's added tokens
     COMMIT                      written last
 
 Atomicity: everything is written under `step_XXXXXXXX.tmp/`, each file fsynced; after a barrier,
@@ -12,7 +13,12 @@ directory without `.tmp` and with COMMIT is complete; anything else is ignored (
 the next save), so a crash at any instant leaves either the old set of checkpoints or the new one.
 The directory must be on storage every process sees (NFS, a GCS fuse mount) for multi-host runs.
 
-Shards are stored in the safetensors layout (convert.py reads and writes it) under names
+A checkpoint is complete in itself: moved to another disk or bucket, it still restores, exports
+and samples (its tokenizer goes with it). Checkpoints written before they carried their tokenizer
+have no `tokenizer.model` and no "tokenizer" in meta.json; `Reader.tokenizer()` returns None for
+them and data.run_tokenizer rebuilds theirs from the run config.
+
+Shards are stored in the safetensors layout (tensorfile.py) under names
 `path@start:stop,start:stop`: the global slice each shard holds. Restoring builds every array
 with `jax.make_array_from_callback` for the *target* sharding, copying each requested slice out
 of whichever saved shards overlap it (memory-mapped, so a process reads only what it needs).
@@ -26,7 +32,9 @@ import shutil
 import jax
 import numpy as np
 
-import convert
+import model
+import tensorfile
+from tokenizer import Tokenizer
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -43,6 +51,11 @@ def _fsync_dir(path: str):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: str):
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _write_json(path: str, obj):
@@ -85,8 +98,9 @@ def latest(path: str) -> str:
     return step_dir(path, steps[-1])
 
 
-def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int):
-    """Write `state` (a pytree of jax arrays) as checkpoint `step`; keep the newest `keep`."""
+def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int, tokenizer: Tokenizer = None):
+    """Write `state` (a pytree of jax arrays) as checkpoint `step`, with the run's tokenizer (its
+    file copied in, its added tokens in meta.json); keep the newest `keep`."""
     final = step_dir(out_dir, step)
     tmp = final + ".tmp"
     proc = jax.process_index()
@@ -104,12 +118,17 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
             if shard.replica_id == 0:  # each slice written once, by the process holding replica 0
                 name = f"{path}@{_index_str(shard.index, array.shape)}"
                 tensors.append((name, shard.data.shape, shard.data.dtype, lambda d=shard.data: np.asarray(d)))
-    convert.write_safetensors(os.path.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors)
+    tensorfile.write_safetensors(os.path.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors)
     _write_json(os.path.join(tmp, f"data.p{proc:05d}.json"), data_state)
     _barrier(f"ckpt-{step}-written")
 
     if proc == 0:
-        _write_json(os.path.join(tmp, "meta.json"), {"step": step, "process_count": jax.process_count(), **meta})
+        meta = {"step": step, "process_count": jax.process_count(), **meta}
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer.model_path, os.path.join(tmp, "tokenizer.model"))
+            _fsync_file(os.path.join(tmp, "tokenizer.model"))
+            meta["tokenizer"] = {"file": "tokenizer.model", "added_tokens": sorted(tokenizer.added, key=tokenizer.added.get)}
+        _write_json(os.path.join(tmp, "meta.json"), meta)
         _write_json(os.path.join(tmp, "COMMIT"), {"step": step})
         _fsync_dir(tmp)
         if os.path.exists(final):  # a checkpoint of the same step from before a crash
@@ -129,7 +148,7 @@ class Reader:
         if not os.path.exists(os.path.join(path, "COMMIT")):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
         self.path = path
-        self.saved = convert.SafetensorsDir(path)
+        self.saved = tensorfile.SafetensorsDir(path)
         self.pieces = {}  # array path -> [(bounds per dim, entry name)]
         for name in self.saved.entries:
             key, _, index = name.rpartition("@")
@@ -137,6 +156,17 @@ class Reader:
             self.pieces.setdefault(key, []).append((bounds, name))
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
+
+    def model_config(self) -> model.Config:
+        return model.Config(**self.meta["model"])
+
+    def tokenizer(self) -> Tokenizer | None:
+        """The run's tokenizer, from the checkpoint's own copy; None for a checkpoint written before
+        checkpoints carried their tokenizer (data.run_tokenizer rebuilds it from the run config)."""
+        if "tokenizer" not in self.meta:
+            return None
+        saved = self.meta["tokenizer"]
+        return Tokenizer(os.path.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]))
 
     def shape(self, key):
         return tuple(max(b[d][1] for b, _ in self.pieces[key]) for d in range(len(self.pieces[key][0][0])))

@@ -1,23 +1,27 @@
-"""Run configuration: one frozen dataclass, Python config files, type-checked --key=value overrides.
+"""Run configuration: frozen dataclasses (TrainConfig, and SFTConfig for chat fine-tuning), Python
+config files, type-checked --key=value overrides, and every check of a config's values.
 
 A config file is plain Python that defines `config`, e.g. configs/tiny.py:
 
     from config import TrainConfig
-    config = TrainConfig(out_dir="out/tiny", model="tiny", steps=300, ...)
+    config = TrainConfig(out_dir="out/tiny", model="tiny", steps=500, ...)
 
 `load(path, ["--lr=1e-4", "--mesh=1,4,2"])` executes the file, takes its `config` and applies the
 overrides. An override must name a field (an unknown key is an error that lists the valid ones)
-and parse as that field's type; nothing is coerced silently.
+and parse as that field's type; nothing is coerced silently. `validate` is the one place where
+values are checked, before any data is read or anything compiled: every entry point calls it.
 """
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass
 
 import model
+import sharding
 
 
 @dataclass(frozen=True)
@@ -27,7 +31,8 @@ class TrainConfig:
     # a preset name of model.PRESETS ("tiny", "llama2_7b", "llama2_13b", "llama2_70b"), or, in a
     # config file, a model.Config for other shapes (ablations)
     model: "str | model.Config" = "tiny"
-    # "" = random init; "hf:DIR" = a Hugging Face Llama directory (safetensors)
+    # "" = random init; "hf:DIR" = a Hugging Face Llama directory (safetensors); "ckpt:DIR" = the
+    # params of another run's checkpoint (its out_dir: the newest one; or one step directory)
     init_from: str = ""
     # the Lemur schedule: linear warmup from 0 to lr over warmup_steps, cosine to end_lr at steps.
     steps: int = 21458
@@ -48,7 +53,8 @@ class TrainConfig:
     # device mesh sizes (data, fsdp, tensor); their product must equal the device count
     mesh: tuple[int, int, int] = (1, 1, 1)
     seed: int = 0
-    # data: data.Source entries mixed by token weight; empty = the built-in demo corpus (data.py)
+    # data: records.Source entries (config files import it as `from data import Source`) mixed by
+    # token weight; empty = the built-in demo corpus (demo.py)
     sources: tuple = ()
     # sentencepiece model; "" = the demo tokenizer built with the demo corpus
     tokenizer: str = ""
@@ -65,6 +71,72 @@ class TrainConfig:
     sample_prompt: str = ""
     # consecutive non-finite losses (updates skipped) after which the run stops
     max_nonfinite_steps: int = 5
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    """Chat fine-tuning (sft.py): TrainConfig's keys with the paper's SFT recipe as defaults."""
+    out_dir: str = "out/chat"
+    # the model to fine-tune: "ckpt:DIR" (a training out_dir, its newest checkpoint, or one step
+    # directory) or "hf:DIR" (a Hugging Face Llama directory); `model` must name its architecture
+    init_from: str = ""
+    # Source(name, globs, weight, eval_fraction=...): weight = times each example is seen per
+    # epoch (`field` is unused: layouts are detected per record); () = the built-in stdlib Q&A set
+    sources: tuple = ()
+    epochs: int = 2
+    steps: int = 0  # 0 = all epochs: ceil(packed rows / batch_size); > 0 caps the run (smoke tests)
+    warmup_ratio: float = 0.03  # warmup_steps = round(warmup_ratio * steps) when warmup_steps is 0
+    warmup_steps: int = 0
+    lr: float = 2e-5
+    end_lr: float = 0.0  # the paper's gap: cosine to 0 after 3% warmup (the Alpaca/Vicuna recipe)
+    b2: float = 0.999  # the paper says Adam: PyTorch/HF defaults; pretraining used 0.95
+    batch_size: int = 128
+    document_mask: bool = True
+
+
+def model_config(cfg: TrainConfig) -> model.Config:
+    """The model.Config a run names: a preset by name, or the Config a config file gives."""
+    return cfg.model if isinstance(cfg.model, model.Config) else model.preset(cfg.model)
+
+
+def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: int | None = None,
+             process_count: int = 1):
+    """Raise naming the key for any value that would make a run fail later or go silently wrong.
+    mcfg: the run's model (None: the checks against it wait); device_count: the devices the run
+    will use (None for a compile for another machine's slice, which checks its own mesh)."""
+    def bad(key, why):
+        return ValueError(f"config: {key}={getattr(cfg, key)!r} {why}")
+
+    chat = isinstance(cfg, SFTConfig)
+    for key in ("batch_size", "seq_len", "microbatches", "log_every", "eval_every", "checkpoint_every"):
+        if getattr(cfg, key) <= 0:
+            raise bad(key, "must be positive")
+    if cfg.steps < 0 or (cfg.steps == 0 and not chat):
+        raise bad("steps", "must be positive" + (" (or 0: all epochs)" if chat else ""))
+    if cfg.warmup_steps < 0 or (cfg.steps and cfg.warmup_steps > cfg.steps):
+        raise bad("warmup_steps", f"must lie in [0, steps={cfg.steps}]")
+    if chat and cfg.epochs <= 0:
+        raise bad("epochs", "must be positive")
+    if chat and not 0 <= cfg.warmup_ratio <= 1:
+        raise bad("warmup_ratio", "must lie in [0, 1]")
+    if cfg.batch_size % cfg.microbatches:
+        raise bad("batch_size", f"is not divisible by microbatches={cfg.microbatches}")
+    if cfg.batch_size % process_count:
+        raise bad("batch_size", f"is not divisible by {process_count} processes")
+    kinds = ("hf:", "ckpt:") if chat else ("", "hf:", "ckpt:")
+    if not cfg.init_from.startswith(kinds) or (cfg.init_from and not cfg.init_from.partition(":")[2]):
+        raise bad("init_from", "must be " + ("" if chat else "'' (random), ") + "'hf:DIR' or 'ckpt:DIR'")
+    if cfg.bad_records not in ("skip", "raise"):
+        raise bad("bad_records", "must be 'skip' or 'raise'")
+    if len(cfg.mesh) != 3 or min(cfg.mesh) <= 0:
+        raise bad("mesh", "must be three positive sizes (data, fsdp, tensor)")
+    if device_count is not None and math.prod(cfg.mesh) != device_count:
+        raise bad("mesh", f"(data, fsdp, tensor) needs {math.prod(cfg.mesh)} devices, this run has {device_count}")
+    if mcfg is not None:
+        if cfg.seq_len > mcfg.max_seq_len:
+            raise bad("seq_len", f"exceeds the model's max_seq_len={mcfg.max_seq_len}")
+        sharding.check_divisible(mcfg, dict(zip(("data", "fsdp", "tensor"), cfg.mesh)),
+                                 cfg.batch_size // cfg.microbatches, cfg.seq_len)
 
 
 def _parse(value: str, typ, key: str):

@@ -1,316 +1,23 @@
-"""Hugging Face Llama checkpoints <-> our params, streamed tensor by tensor.
+"""Export a training checkpoint as a Hugging Face Llama directory, streamed one layer of one tensor
+at a time (a 70B export never holds more in memory).
 
-    load_hf(dir)                      -> (cfg, params)  whole model on this host (small models)
-    load_hf(dir, shardings=tree)      -> (cfg, params)  each process reads only its own slices
-    save_hf(params, cfg, dir)         a directory transformers.LlamaForCausalLM.from_pretrained loads
-    python convert.py CKPT_DIR HF_DIR export a training checkpoint (see checkpoint.py)
+    python convert.py OUT_DIR_OR_CHECKPOINT HF_DIR [--dtype=bfloat16|float16|float32]
 
-Safetensors files are read through numpy memory maps of the raw file (the format is an 8-byte
-header length, a JSON header, then raw little-endian tensors), so bf16 works without torch and a
-slice of a tensor reads only the bytes it covers: a 70B checkpoint (140 GB in bf16) loads into
-sharded params on hosts with far less memory, each process touching only its shards. Writing is
-streamed the same way: one tensor in memory at a time, files of at most `max_shard_bytes`.
-
-Layouts. HF Linear weights are (out, in); ours are (in, out) with heads split out, layers stacked:
-  q_proj (N*H, D) -> wq[l] (D, N, H)     o_proj (D, N*H) -> wo[l] (N, H, D)
-  gate/up (F, D)  -> w_gate/w_up[l] (D, F)  down (D, F) -> w_down[l] (F, D)
-  lm_head (V, D)  -> output (D, V)        embed_tokens (V, D) -> embed (V, D)
-q/k rows are already in the rotate-half RoPE layout that model.py uses: no permutation.
+The source is a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint),
+saved on any mesh. HF_DIR gets config.json, safetensors files of at most 5 GiB (with an index
+when there are several) and the run's tokenizer: tokenizer.model, plus added_tokens.json for chat
+runs. The conversion itself (both directions, and the Python API `load_hf` / `save_hf`) is hf.py.
 """
-import json
-import math
-import os
-import shutil
-import struct
 import sys
 
-import jax
-import ml_dtypes
 import numpy as np
 
+import checkpoint
+import data
+import hf
 import model
+from hf import load_hf, save_hf  # noqa: F401  (the Python API, once documented as convert.load_hf)
 
-# our param -> (HF name template, how its dims map): "identity" or a transpose whose HF dims are
-# (out, in) and whose "out" dim is split into the trailing our-dims of `out_dims` (heads, head_dim).
-_LAYOUT = {
-    "embed": ("model.embed_tokens.weight", None),
-    "norm": ("model.norm.weight", None),
-    "output": ("lm_head.weight", "T"),
-    "layers/attn_norm": ("model.layers.{}.input_layernorm.weight", None),
-    "layers/mlp_norm": ("model.layers.{}.post_attention_layernorm.weight", None),
-    "layers/wq": ("model.layers.{}.self_attn.q_proj.weight", "T"),
-    "layers/wk": ("model.layers.{}.self_attn.k_proj.weight", "T"),
-    "layers/wv": ("model.layers.{}.self_attn.v_proj.weight", "T"),
-    "layers/wo": ("model.layers.{}.self_attn.o_proj.weight", "T"),
-    "layers/w_gate": ("model.layers.{}.mlp.gate_proj.weight", "T"),
-    "layers/w_up": ("model.layers.{}.mlp.up_proj.weight", "T"),
-    "layers/w_down": ("model.layers.{}.mlp.down_proj.weight", "T"),
-}
-# our dims grouped by the HF dim they come from, in our order; "T" layouts read HF dims (1, 0)
-_GROUPS = {"wq": ((0,), (1, 2)), "wk": ((0,), (1, 2)), "wv": ((0,), (1, 2)), "wo": ((0, 1), (2,))}
-_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "U32": np.uint32, "BOOL": np.bool_}
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
-
-
-# ----------------------------------------------------------------------------- config.json
-
-def read_config(path: str) -> model.Config:
-    """A Hugging Face Llama config.json -> model.Config; anything we would silently get wrong is
-    an error naming the key."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file}: no config.json (is {path} a Hugging Face model directory?)")
-    with open(file) as f:
-        hf = json.load(f)
-
-    def bad(key, why):
-        return ValueError(f"{file}: {key}={hf.get(key)!r}: {why}")
-
-    if hf.get("model_type") != "llama":
-        raise bad("model_type", "not a Llama model")
-    rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        raise bad("rope_scaling" if hf.get("rope_scaling") else "rope_parameters", "RoPE scaling is not supported")
-    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-        if hf.get(key):
-            raise bad(key, "not part of Llama-2 and not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise bad("hidden_act", "only silu (SwiGLU) is supported")
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if key not in hf:
-            raise ValueError(f"{file}: missing key {key!r}")
-    heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise bad("head_dim", f"must be hidden_size / num_attention_heads = {hf['hidden_size'] // heads}")
-    return model.Config(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-        ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-5)))
-
-
-def hf_config(cfg: model.Config, dtype: str) -> dict:
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": dtype, "dtype": dtype,
-    }
-
-
-# ----------------------------------------------------------------------------- safetensors
-
-class SafetensorsDir:
-    """Every tensor of a directory of *.safetensors files, as lazily read numpy memory maps."""
-
-    def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{path}: no *.safetensors files (other formats: convert them "
-                                    "with transformers' save_pretrained(safe_serialization=True))")
-        self.entries = {}  # name -> (file, dtype, shape, byte offset)
-        for name in files:
-            file = os.path.join(path, name)
-            with open(file, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
-            for tensor, info in header.items():
-                if tensor == "__metadata__":
-                    continue
-                if info["dtype"] not in _DTYPES:
-                    raise ValueError(f"{file}: tensor {tensor}: unsupported dtype {info['dtype']}")
-                self.entries[tensor] = (file, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
-
-    def shape(self, name):
-        return self.entries[name][2]
-
-    def get_slice(self, name, index=()):
-        """tensor[index] as a numpy array, reading only the bytes the slice covers."""
-        file, dtype, shape, offset = self.entries[name]
-        if math.prod(shape) == 0:
-            return np.zeros(shape, dtype)[index]
-        return np.array(np.memmap(file, dtype, "r", offset=offset, shape=shape)[index])
-
-
-def write_safetensors(file: str, tensors: list):
-    """tensors: [(name, shape, dtype, produce)], produce() -> array; written one at a time."""
-    header, offset = {}, 0
-    for name, shape, dtype, _ in tensors:
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header = json.dumps(header, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
-        for name, shape, dtype, produce in tensors:
-            array = np.asarray(np.asarray(produce()).astype(dtype), order="C")
-            assert array.shape == tuple(shape), (name, array.shape, shape)
-            f.write(array.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
-
-
-# ----------------------------------------------------------------------------- layouts
-
-def _hf_shape(key: str, our_shape: tuple) -> tuple:
-    """HF shape of one layer (or the whole tensor) of our param `key` with per-layer shape."""
-    if _LAYOUT[key][1] is None:
-        return our_shape
-    groups = _GROUPS.get(key.split("/")[-1], ((0,), (1,)))
-    return tuple(math.prod(our_shape[d] for d in g) for g in reversed(groups))
-
-
-def _read(ckpt: SafetensorsDir, name: str, key: str, our_shape: tuple, index: tuple):
-    """Our param's per-layer block `index` (slices over our_shape), read from HF tensor `name`."""
-    if _LAYOUT[key][1] is None:
-        return ckpt.get_slice(name, index)
-    groups = _GROUPS.get(key.split("/")[-1], ((0,), (1,)))
-    hf_index = []
-    for group in reversed(groups):  # HF dims are our groups in reverse (a transpose)
-        first, rest = group[0], group[1:]
-        for d in rest:  # only the leading dim of a merged group may be sliced (never head_dim)
-            if index[d].indices(our_shape[d]) != (0, our_shape[d], 1):
-                raise ValueError(f"{key}: cannot slice dim {d}; shard heads, not head_dim")
-        inner = math.prod(our_shape[d] for d in rest)
-        start, stop, _ = index[first].indices(our_shape[first])
-        hf_index.append(slice(start * inner, stop * inner))
-    block = ckpt.get_slice(name, tuple(hf_index)).T
-    return block.reshape([len(range(*index[d].indices(our_shape[d]))) for d in range(len(our_shape))])
-
-
-def _flat(tree, prefix=""):
-    for k, v in tree.items():
-        path = f"{prefix}{k}"
-        yield from (_flat(v, path + "/") if isinstance(v, dict) else [(path, v)])
-
-
-def _unflat(items):
-    tree = {}
-    for path, v in items:
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return tree
-
-
-def _check_tensors(ckpt: SafetensorsDir, cfg: model.Config, path: str):
-    """Exactly the expected tensors with exactly the expected shapes, or an error naming them."""
-    expected = {}
-    for key, shape in _flat(model.param_shapes(cfg)):
-        template = _LAYOUT[key][0]
-        if key.startswith("layers/"):
-            for i in range(cfg.n_layers):
-                expected[template.format(i)] = _hf_shape(key, shape[1:])
-        else:
-            expected[template] = _hf_shape(key, shape)
-    present = {n for n in ckpt.entries if not n.endswith(_IGNORED_SUFFIXES)}
-    missing, extra = sorted(expected.keys() - present), sorted(present - expected.keys())
-    if missing:
-        raise ValueError(f"{path}: missing tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    if extra:
-        raise ValueError(f"{path}: unexpected tensor(s): {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
-    for name, shape in expected.items():
-        if ckpt.shape(name) != shape:
-            raise ValueError(f"{path}: tensor {name} has shape {ckpt.shape(name)}, expected {shape} from config.json")
-
-
-# ----------------------------------------------------------------------------- load / save
-
-def load_hf(path: str, shardings=None):
-    """Read a Hugging Face Llama directory -> (cfg, params) with fp32 params.
-
-    With `shardings` (a tree of jax.sharding.Sharding shaped like the params), every param is built
-    with jax.make_array_from_callback: each process reads only the slices its devices hold.
-    """
-    cfg = read_config(path)
-    ckpt = SafetensorsDir(path)
-    _check_tensors(ckpt, cfg, path)
-    shard_tree = dict(_flat(shardings)) if shardings is not None else {}
-
-    def read(key, shape, index):
-        template = _LAYOUT[key][0]
-        if not key.startswith("layers/"):
-            return _read(ckpt, template, key, shape, index).astype(np.float32)
-        layers = range(*index[0].indices(shape[0]))  # stacked: one HF tensor per layer
-        return np.stack([_read(ckpt, template.format(i), key, shape[1:], index[1:]) for i in layers]).astype(np.float32)
-
-    params = []
-    for key, shape in _flat(model.param_shapes(cfg)):
-        full = tuple(slice(None) for _ in shape)
-        if key in shard_tree:
-            array = jax.make_array_from_callback(shape, shard_tree[key], lambda idx, k=key, s=shape: read(k, s, idx))
-        else:
-            array = jax.numpy.asarray(read(key, shape, full))
-        params.append((key, array))
-    return cfg, _unflat(params)
-
-
-def save_hf(params, cfg: model.Config, path: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 << 30):
-    """Write params as a Hugging Face Llama directory (config.json, sharded safetensors, index).
-    Tensors are fetched one at a time (`np.asarray(x[i])` of a sharded array gathers one layer)."""
-    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
-    flat = dict(_flat(params))
-    tensors = []  # (name, shape, dtype, produce) in HF order
-    for key, shape in _flat(model.param_shapes(cfg)):
-        if tuple(flat[key].shape) != tuple(shape):
-            raise ValueError(f"param {key} has shape {flat[key].shape}, config needs {shape}")
-
-    def block(key, i=None):
-        x = np.asarray(flat[key][i] if i is not None else flat[key], np.float32)
-        if _LAYOUT[key][1] is None:
-            return x
-        return x.reshape(_hf_shape(key, x.shape)[::-1]).T
-
-    shapes = dict(_flat(model.param_shapes(cfg)))
-    for key in ("embed",):
-        tensors.append((_LAYOUT[key][0], _hf_shape(key, shapes[key]), np_dtype, lambda k=key: block(k)))
-    for i in range(cfg.n_layers):
-        for key in shapes:
-            if key.startswith("layers/"):
-                tensors.append((_LAYOUT[key][0].format(i), _hf_shape(key, shapes[key][1:]), np_dtype, lambda k=key, i=i: block(k, i)))
-    for key in ("norm", "output"):
-        tensors.append((_LAYOUT[key][0], _hf_shape(key, shapes[key]), np_dtype, lambda k=key: block(k)))
-
-    files, size = [[]], 0  # greedy split into files of at most max_shard_bytes
-    for t in tensors:
-        nbytes = math.prod(t[1]) * np.dtype(np_dtype).itemsize
-        if files[-1] and size + nbytes > max_shard_bytes:
-            files.append([])
-            size = 0
-        files[-1].append(t)
-        size += nbytes
-    os.makedirs(path, exist_ok=True)
-    names = ["model.safetensors"] if len(files) == 1 else [
-        f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    weight_map = {}
-    for name, group in zip(names, files):
-        write_safetensors(os.path.join(path, name), group)
-        weight_map.update({t[0]: name for t in group})
-    if len(files) > 1:
-        total = sum(math.prod(t[1]) for t in tensors) * np.dtype(np_dtype).itemsize
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, dtype), f, indent=2)
-
-
-# ----------------------------------------------------------------------------- export a checkpoint
 
 class _SavedParam:
     """A param of a training checkpoint, read one layer at a time (save_hf indexes stacked
@@ -329,25 +36,17 @@ class _SavedParam:
 def main(argv):
     """python convert.py CKPT_DIR HF_DIR [--dtype=bfloat16|float16|float32]
     CKPT_DIR is a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint)."""
-    import checkpoint  # checkpoint.py stores its shards with this module's safetensors code
-
     args = [a for a in argv if not a.startswith("--")]
     options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
     if len(args) != 2 or set(options) - {"dtype"}:
         raise SystemExit(main.__doc__)
     src, dst = args
-    src = checkpoint.latest(src)
-    reader = checkpoint.Reader(src)
-    cfg = model.Config(**reader.meta["model"])
-    params = _unflat((key, _SavedParam(reader, "params/" + key)) for key, _ in _flat(model.param_shapes(cfg)))
-    save_hf(params, cfg, dst, options.get("dtype", "bfloat16"))
-    import sample  # the run's tokenizer goes along, so the directory is complete
-    tokenizer = sample.run_tokenizer(reader.meta["config"])
-    shutil.copy(tokenizer.model_path, os.path.join(dst, "tokenizer.model"))
-    if tokenizer.added:
-        with open(os.path.join(dst, "added_tokens.json"), "w") as f:
-            json.dump(tokenizer.added, f, indent=2)
-    print(f"wrote {dst} from {src} ({model.param_count(cfg):,} params)")
+    reader = checkpoint.Reader(checkpoint.latest(src))
+    cfg = reader.model_config()
+    params = hf.unflatten((key, _SavedParam(reader, "params/" + key)) for key, _ in hf.flatten(model.param_shapes(cfg)))
+    hf.save_hf(params, cfg, dst, options.get("dtype", "bfloat16"))
+    data.checkpoint_tokenizer(reader).save(dst)  # the run's tokenizer goes along: the directory is complete
+    print(f"wrote {dst} from {reader.path} ({model.param_count(cfg):,} params)")
 
 
 if __name__ == "__main__":

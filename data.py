@@ -4,16 +4,17 @@ deterministic mixture by tokens -> this process's rows of the global batch.
     python data.py configs/tiny.py --batches 20    # shares, documents/s, tokens/s, a row per source
 
 Packing: each document is [bos] + tokens + [eos]; documents are concatenated and cut into rows of
-seq_len + 1 tokens, no padding, a document's tail carried to the next row of its source. Formats:
-.jsonl, .jsonl.gz, .jsonl.zst (needs zstandard), .parquet (needs pyarrow), .txt (one document).
+seq_len + 1 tokens, no padding, a document's tail carried to the next row of its source. Files,
+formats, the held-out rule and bad records: records.py.
 
 Streams: the data is read as `num_streams` independent streams (default gcd(batch_size, 64), 64 =
 the hosts of a v4-512). Stream j reads files j, j+S, ... of each source's sorted files or, when a
 source has fewer files than streams, documents j, j+S, ... (counted per file, training and held-out
-separately) of every file: then every stream reads every file, so shard big corpora into >= S files. Row r of a global batch comes from stream r // R
-(R = batch_size / S rows per stream per batch), so process i of n owns streams [i*S/n, (i+1)*S/n),
-reads only their files, and 1, 2 or 4 processes with the same S yield the same global batches.
-S is a property of the run, like the seed: changing it changes the data order.
+separately) of every file: then every stream reads every file, so shard big corpora into >= S
+files. Row r of a global batch comes from stream r // R (R = batch_size / S rows per stream per
+batch), so process i of n owns streams [i*S/n, (i+1)*S/n), reads only their files, and 1, 2 or 4
+processes with the same S yield the same global batches. S is a property of the run, like the
+seed: changing it changes the data order.
 
 Mixture: rows are equally long, so token shares are row shares. Row m of every stream comes from
 the source furthest below its weight so far (largest deficit first, no RNG): shares are right to
@@ -21,56 +22,35 @@ within a row whatever the document lengths. A stream that runs out of a source s
 over its files in an order seeded by (seed, source, stream, epoch).
 
 Position: batch k is a pure function of (seed, k, sources, S). `state()` is a small JSON dict: the
-schedule counts and, per stream and source, (epoch, file, line, token offset) of the next unused
-token. Restoring re-reads from that line (costs a read up to it) instead of storing tokens. Each
+schedule counts and, per stream and source, (epoch, file, record, token offset) of the next unused
+token. Restoring re-reads from that record (costs a read up to it) instead of storing tokens. Each
 process's state holds its own streams; `merge_states` joins all processes' states into one that
 any process count can restore.
-
-Held out: a document is held out when a hash of (file name, line) falls below the source's
-eval_fraction; decided before parsing (cheap), stable if the corpus moves folder, never trained
-on. `eval_batches(n)` packs only held-out documents the same way, identical every call.
-
-Bad records (malformed JSON, missing or non-string field, empty text, invalid UTF-8, a truncated
-or corrupt file) are skipped, counted by reason and the first few logged as file:line, or raised
-with bad_records="raise". Empty globs, unreadable files, weights <= 0 and a missing tokenizer fail
-at construction.
 
 Speed: a background thread reads and packs batches ahead of training (a prefetch queue); the
 documents it reads go in chunks to a pool of tokenizer threads (sentencepiece runs outside the GIL),
 so reading, tokenizing and the training step overlap. bench/data.py measures it.
 """
 import argparse
-import ast
-import codecs
 import collections
 import concurrent.futures
-import dataclasses
-import gzip
-import glob
-import hashlib
-import importlib
-import io
-import itertools
 import json
 import logging
 import math
 import os
 import queue
-import re
-import shutil
-import sys
-import sysconfig
-import tempfile
 import threading
 import time
 import zlib
 
 import numpy as np
-import sentencepiece as spm
 
-log = logging.getLogger("data")
-FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
-MAX_LOGGED_SKIPS = 10
+import chat
+import demo
+import records
+from records import Source  # noqa: F401  (config files write `from data import Source`)
+from tokenizer import Tokenizer
+
 # a short (stream, source) reads documents for this many more batches at its current rate: fewer,
 # larger refills keep the tokenizer threads busy; the buffers stay a few batches small
 READ_AHEAD_BATCHES = 4
@@ -78,164 +58,9 @@ READ_AHEAD_BATCHES = 4
 CHUNK_CHARS = 1 << 16
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
-    name: str
-    paths: tuple[str, ...]  # globs
-    weight: float  # share of training tokens, relative to the other sources
-    field: str = "text"  # the text field: The Stack and RefinedWeb use "content", RedPajama "text"
-    eval_fraction: float = 0.01  # documents held out for evaluation
-
-
-class Tokenizer:
-    """A sentencepiece model plus added special tokens with ids after the base vocabulary."""
-
-    def __init__(self, model_path: str, added_tokens: tuple[str, ...] = ()):
-        if not os.path.isfile(model_path):
-            raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
-        self.model_path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
-        base = self.sp.get_piece_size()
-        self.added = {tok: base + i for i, tok in enumerate(added_tokens)}
-        self.added_text = {i: tok for tok, i in self.added.items()}
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.vocab_size = base + len(self.added)
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{model_path}: packing needs bos and eos tokens")
-        # longest first, so that a token containing another one wins
-        alternatives = "|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))
-        self._split = re.compile(f"({alternatives})") if self.added else None
-
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
-    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
-        """Token ids (no bos/eos); added tokens are cut out first, the rest goes to sentencepiece."""
-        if not self._split:
-            return self.sp.encode(texts, num_threads=num_threads)
-        pieces = [self._split.split(t) for t in texts]  # text, token, text, token, ..., text
-        plain = iter(self.sp.encode([p for ps in pieces for p in ps[::2]], num_threads=num_threads))
-        return [[i for j, p in enumerate(ps) for i in ([self.added[p]] if j % 2 else next(plain))]
-                for ps in pieces]
-
-    def decode(self, ids) -> str:
-        runs = itertools.groupby(map(int, ids), key=lambda i: i in self.added_text)
-        return "".join("".join(map(self.added_text.get, run)) if added else self.sp.decode(list(run))
-                       for added, run in runs)
-
-
-class _Skip(Exception):
-    """A bad record; the message is the reason."""
-
-
-class _Skips:
-    """Counts bad records by reason, logs the first few, or raises under the "raise" policy."""
-
-    def __init__(self, policy: str):
-        if policy not in ("skip", "raise"):
-            raise ValueError(f"bad_records must be 'skip' or 'raise', not {policy!r}")
-        self.policy, self.counts, self.lock = policy, collections.Counter(), threading.Lock()
-
-    def __call__(self, where: str, reason: str):
-        if self.policy == "raise":
-            raise ValueError(f"{where}: {reason}")
-        with self.lock:  # the prefetch thread and eval_batches both read
-            self.counts[reason] += 1
-            if sum(self.counts.values()) <= MAX_LOGGED_SKIPS:
-                log.warning("%s: %s (skipped)", where, reason)
-
-
-def _optional(module: str, path: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ImportError(f"install {module.split('.')[0]} to read {path}") from None
-
-
-def _files(src: Source) -> list[str]:
-    """The sorted files of a source, each checked to be readable and of a known format."""
-    if src.weight <= 0:
-        raise ValueError(f"source {src.name!r}: weight must be > 0, got {src.weight}")
-    if not 0 <= src.eval_fraction < 1:
-        raise ValueError(f"source {src.name!r}: eval_fraction must be in [0, 1), got {src.eval_fraction}")
-    if isinstance(src.paths, str):
-        raise TypeError(f"source {src.name!r}: paths must be a tuple of globs, not a string")
-    files = set()
-    for pattern in src.paths:
-        matched = glob.glob(pattern, recursive=True)
-        if not matched:
-            raise FileNotFoundError(f"source {src.name!r}: {pattern!r} matches no files")
-        files.update(matched)
-    for path in files:
-        if not path.endswith(FORMATS):
-            raise ValueError(f"{path}: unknown format (expected one of {', '.join(FORMATS)})")
-        if path.endswith((".zst", ".parquet")):
-            _optional("zstandard" if path.endswith(".zst") else "pyarrow.parquet", path)
-        try:
-            open(path, "rb").close()
-        except OSError as e:
-            raise OSError(f"source {src.name!r}: cannot read {path}: {e}") from None
-    return sorted(files)
-
-
-def _records(path: str, field: str):
-    """(line, raw record) of a file, streamed; a read error ends the file with a _Skip."""
-    line = -1
-    try:
-        if path.endswith(".txt"):
-            with open(path, "rb") as f:
-                yield 0, f.read()
-        elif path.endswith(".parquet"):
-            row = 0
-            for batch in _optional("pyarrow.parquet", path).ParquetFile(path).iter_batches(columns=[field]):
-                for line, value in enumerate(batch.column(0).to_pylist(), row):
-                    yield line, value
-                row += len(batch)
-        else:
-            with open(path, "rb") as raw:
-                if path.endswith(".gz"):
-                    f = gzip.open(raw)
-                elif path.endswith(".zst"):
-                    f = io.BufferedReader(_optional("zstandard", path).ZstdDecompressor().stream_reader(raw))
-                else:
-                    f = raw
-                for line, record in enumerate(f):
-                    yield line, record
-    except Exception as e:  # truncated gzip (EOFError), corrupt zstd/parquet, I/O errors
-        yield line + 1, _Skip(f"unreadable from here on ({type(e).__name__}: {e})")
-
-
-def _text(raw, field: str, is_json: bool) -> str:
-    """The document text of a raw record, or _Skip naming what is wrong with it."""
-    if isinstance(raw, _Skip):
-        raise raw
-    if isinstance(raw, bytes):
-        try:
-            raw = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Skip("invalid UTF-8") from None
-        if is_json:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                raise _Skip("malformed JSON") from None
-            if not isinstance(record, dict) or field not in record:
-                raise _Skip(f"no field {field!r}")
-            raw = record[field]
-    if not isinstance(raw, str):
-        raise _Skip(f"field {field!r} is not a string")
-    if not raw.strip():
-        raise _Skip("empty document")
-    return raw
-
-
-def _held_out(name: str, line: int, fraction: float) -> bool:
-    digest = hashlib.blake2b(f"{name}:{line}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") < fraction * 2**64
-
 
 def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
-    """Yield ((epoch, file, line), text) of one stream's share of a source, forever, from pos."""
+    """Yield ((epoch, file, record), text) of one stream's share of a source, forever, from pos."""
     shared = len(files) < num_streams  # then every stream reads every file and takes every S-th document
     mine = files if shared else files[stream::num_streams]
     epoch, first, start = pos
@@ -245,19 +70,19 @@ def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
         found = False
         for f in range(first, len(mine)):
             path, rank = mine[order[f]], -1  # rank: of the documents of our kind in this file
-            for line, raw in _records(path, src.field):
-                if _held_out(os.path.basename(path), line, src.eval_fraction) != held_out:
+            for index, raw in records.read(path, src.field):
+                if records.held_out(path, index, src.eval_fraction) != held_out:
                     continue
                 rank += 1
-                if (shared and rank % num_streams != stream) or line < start:
+                if (shared and rank % num_streams != stream) or index < start:
                     continue
                 try:
-                    text = _text(raw, src.field, not path.endswith(".txt"))
-                except _Skip as e:
-                    skip(f"{path}:{line + 1}", str(e))
+                    text = records.document(raw, src.field, path)
+                except records.BadRecord as e:
+                    skip(f"{path}:{index + 1}", str(e))
                     continue
                 found = True
-                yield (epoch, f, line), text
+                yield (epoch, f, index), text
             start = 0
         if not found and whole_epoch:
             kind = "held-out" if held_out else "training"
@@ -269,7 +94,7 @@ def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
 class _Packer:
     """One stream's documents of one source as a token stream cut into rows; knows its position."""
 
-    def __init__(self, docs, pos):  # pos: (epoch, file, line, offset of the next token in that doc)
+    def __init__(self, docs, pos):  # pos: (epoch, file, record, offset of the next token in it)
         self.docs, self.buf = docs, collections.deque()
         self.offset, self.avail, self.end = pos[3], -pos[3], list(pos)
 
@@ -333,14 +158,14 @@ class Loader:
                              f" and be divisible by process_count {process_count}")
         self.sources, self.tokenizer, self.seq_len, self.seed = tuple(sources), tokenizer, seq_len, seed
         self.document_mask, self.prefetch, self.num_streams = document_mask, prefetch, num_streams
-        self.files = [_files(s) for s in self.sources]
+        self.files = [records.files(s) for s in self.sources]
         total = sum(s.weight for s in self.sources)
         self.weights = [s.weight / total for s in self.sources]
         self.rows_per_stream = batch_size // num_streams
         per_process = num_streams // process_count
         self.streams = range(process_index * per_process, (process_index + 1) * per_process)
         self.process_index, self.process_count = process_index, process_count
-        self._skips, self._eval, self._thread = _Skips(bad_records), {}, None
+        self._skips, self._eval, self._thread = records.Skips(bad_records), {}, None
         self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="tokenize")
         self.row_sources = []  # the source name of each row of the last batch
         self.restore(state or {"batch": 0, "num_streams": num_streams,
@@ -471,111 +296,32 @@ class Loader:
         self._pool.shutdown()
 
 
-DEMO_VERSION = 1  # part of the cache folder name: bump it when the demo corpus changes
-
-# Directories of the standard library left out of the demo code: tests, vendored or generated code,
-# GUI demos, and deprecated packages; what remains is ~8 MB of ordinary Python.
-_DEMO_SKIP = {"site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo", "ensurepip", "pydoc_data",
-              "encodings", "distutils", "__pycache__"}
-
-
-def _docstrings(node, name: str):
-    """The docstrings of a module and of the classes and functions defined at its top levels."""
-    if ast.get_docstring(node):
-        yield f"{name}\n{ast.get_docstring(node)}"
-    for child in node.body:
-        if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            yield from _docstrings(child, child.name)
-
-
-def _stdlib_documents():
-    """Code: the standard library's .py files. Prose: its docstrings (one document per module),
-    the pydoc topics (the language reference Python ships), LICENSE.txt and the Zen of Python."""
-    from pydoc_data.topics import topics
-    root = sysconfig.get_paths()["stdlib"]
-    code, prose = [], [{"title": k, "text": topics[k]} for k in sorted(topics)]
-    for dirpath, dirs, names in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _DEMO_SKIP and not d.startswith(("test", "config-")))
-        for name in sorted(n for n in names if n.endswith(".py") and not n.startswith("test")):
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            with open(os.path.join(dirpath, name), "rb") as f:
-                source = f.read().decode("utf-8", "replace")
-            if not source.strip():  # empty __init__.py files
-                continue
-            code.append({"path": rel, "content": source})
-            tree = ast.parse(source)
-            docs = list(_docstrings(tree, rel))
-            if docs:
-                prose.append({"title": rel, "text": "\n\n".join(docs)})
-            if rel == "this.py":  # the Zen of Python, stored rot13-encoded
-                zen = next(n.value.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "s")
-                prose.append({"title": "zen", "text": codecs.decode(zen, "rot13")})
-    if os.path.isfile(os.path.join(root, "LICENSE.txt")):
-        with open(os.path.join(root, "LICENSE.txt"), encoding="utf-8") as f:
-            prose.append({"title": "LICENSE.txt", "text": f.read()})
-    return code, prose
-
-
-def demo_corpus(cache_dir: str, vocab_size: int = 1024) -> tuple[tuple[Source, ...], str]:
-    """The built-in corpus (code:text = 10:1, as Lemur) and a BPE tokenizer trained on it, built once.
-
-    Written to {cache_dir}/demo{DEMO_VERSION}-py{X}{Y}-v{vocab_size}/ (code.jsonl, text.jsonl, tokenizer.model):
-    built in a temporary folder and renamed into place with a COMPLETE marker, so an interrupted build
-    is redone and concurrent builders cannot see half a corpus. Deterministic for a Python version.
-    """
-    final = os.path.join(cache_dir, f"demo{DEMO_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}-v{vocab_size}")
-    if not os.path.isfile(os.path.join(final, "COMPLETE")):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=cache_dir, prefix=".building-")
-        code, prose = _stdlib_documents()
-        for name, docs in (("code", code), ("text", prose)):  # shuffled: one file is read in order
-            with open(os.path.join(tmp, f"{name}.jsonl"), "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(docs[i]) + "\n" for i in np.random.default_rng(0).permutation(len(docs)))
-        lines = [line for d in code for line in d["content"].splitlines() if line.strip()]
-        lines += [line for d in prose for line in d["text"].splitlines() if line.strip()]
-        model = io.BytesIO()
-        # identity normalisation and kept whitespace so code round-trips; no paths go into the model
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, split_digits=True, input_sentence_size=0,
-            shuffle_input_sentence=False, num_threads=1, pad_id=-1, minloglevel=2)
-        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-            f.write(model.getvalue())
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
-        shutil.rmtree(final, ignore_errors=True)  # leftovers without the marker
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first; its corpus is identical
-            shutil.rmtree(tmp)
-    sources = (Source("code", (os.path.join(final, "code.jsonl"),), 10.0, field="content", eval_fraction=0.05),
-               Source("text", (os.path.join(final, "text.jsonl"),), 1.0, eval_fraction=0.05))
-    return sources, os.path.join(final, "tokenizer.model")
-
-
-def demo_dir(out_dir: str) -> str:
-    """Where a run in out_dir keeps the demo corpus: beside it, shared by runs (out/demo_data)."""
-    return os.path.join(os.path.dirname(os.path.abspath(out_dir)), "demo_data")
-
-
-def _sources_and_tokenizer(cfg):
-    """cfg.sources / cfg.tokenizer, or the demo corpus cached next to the run folder."""
-    if cfg.sources and cfg.tokenizer:
-        return cfg.sources, cfg.tokenizer
-    demo_sources, demo_tokenizer = demo_corpus(demo_dir(cfg.out_dir))
-    return cfg.sources or demo_sources, cfg.tokenizer or demo_tokenizer
-
-
-def tokenizer_for(cfg) -> Tokenizer:
-    return Tokenizer(_sources_and_tokenizer(cfg)[1])
+def tokenizer_path(cfg) -> str:
+    """cfg.tokenizer, or the demo tokenizer (the demo corpus is built next to out_dir if needed)."""
+    return cfg.tokenizer or demo.corpus(demo.cache_dir(cfg.out_dir))[1]
 
 
 def make_loader(cfg, process_index: int = 0, process_count: int = 1, num_streams=None) -> Loader:
-    """The training loader of a config.TrainConfig; batch_size is global rows per step."""
-    sources, tokenizer = _sources_and_tokenizer(cfg)
-    return Loader(sources, Tokenizer(tokenizer), cfg.seq_len, cfg.batch_size, cfg.seed,
+    """The training loader of a config.TrainConfig (batch_size: global rows per step); sources=()
+    means the demo corpus, cached next to out_dir."""
+    sources = cfg.sources or demo.corpus(demo.cache_dir(cfg.out_dir))[0]
+    return Loader(sources, Tokenizer(tokenizer_path(cfg)), cfg.seq_len, cfg.batch_size, cfg.seed,
                   document_mask=cfg.document_mask, bad_records=cfg.bad_records, process_index=process_index,
                   process_count=process_count, num_streams=num_streams)
+
+
+def run_tokenizer(run: dict) -> Tokenizer:
+    """The tokenizer of a run config as meta.json holds it, for checkpoints written before they
+    carried their own (checkpoint.Reader.tokenizer() is None): the configured sentencepiece model
+    or the demo one, plus the chat tokens for sft.py runs (the only configs with "epochs")."""
+    path = run["tokenizer"] or demo.corpus(demo.cache_dir(run["out_dir"]))[1]
+    return chat.chat_tokenizer(path) if "epochs" in run else Tokenizer(path)
+
+
+def checkpoint_tokenizer(reader) -> Tokenizer:
+    """The tokenizer of a checkpoint (a checkpoint.Reader): its own copy, or for an older
+    checkpoint the one its run config names."""
+    return reader.tokenizer() or run_tokenizer(reader.meta["config"])
 
 
 def main(argv=None):

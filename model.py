@@ -1,27 +1,29 @@
-"""Llama-2 in plain JAX: the math only (config, init, forward, loss).
+"""Llama-2 in plain JAX: the math only (config, init, the residual layer, forward, loss).
 
 Pre-norm RMSNorm, rotary embeddings in the rotate-half layout that Hugging Face checkpoints use
 (their wq/wk load without permutation), grouped-query attention, SwiGLU MLP, untied embeddings,
 no biases. Params are a plain nested dict of fp32 arrays; per-layer weights are stacked on a
 leading layer axis and run through one `lax.scan` under `jax.checkpoint`. Matmuls run in
-`cfg.dtype` (bf16 by default), softmax, logits and the loss in fp32. Attention is flash-style
-(causal_attention: blocked, the masked triangle skipped, its own backward pass).
+`cfg.dtype` (bf16 by default), softmax, logits and the loss in fp32. The attention core lives in
+attention.py.
 
-The blocks (`attention`, `mlp`, `rms_norm`, ...) read head counts from the weights they are given,
-not from the config, so sharding.py can call them on its local shards (a tensor-parallel device
-holds N/t query heads and K/t kv heads) and add the collectives around them. No collectives, no
-mesh and no generation cache live here.
+`layer` is the one residual layer of the project: the unsharded forward below, sharding.py's
+per-device program and generate.py's cached decoding all call it, passing in what differs (the
+collectives around each block, the attention core with or without a KV cache). An ablation of the
+block edits `layer` (or a block it calls) once. The blocks read head counts from the weights they
+are given, not from the config, so they run unchanged on a tensor-parallel device's local heads.
+No collectives, no mesh and no generation cache live here.
 
 Dimension letters: B batch, T sequence, D model, F ffn, N query heads, K kv heads, G = N/K query
 heads per kv head, H head dim, V vocab, L layers.
 """
 import math
 from dataclasses import dataclass
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import attention
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,14 @@ def param_count(cfg: Config) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
+def flops_per_token(cfg: Config, seq_len: int) -> float:
+    """Model FLOPs per trained token (the numerator of MFU): 6 per matmul weight (2 forward, 4
+    backward) plus causal attention (QK^T and AV over T/2 keys on average, forward and backward:
+    6 L T D). The embedding is a lookup, not a matmul; remat's recompute is not counted."""
+    matmul_params = param_count(cfg) - cfg.vocab_size * cfg.dim
+    return 6 * matmul_params + 6 * cfg.n_layers * seq_len * cfg.dim
+
+
 # ----------------------------------------------------------------------------- blocks
 
 def rms_norm(x, weight, eps):
@@ -143,137 +153,6 @@ def apply_rope(x, cos, sin):
     return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
 
 
-NEG_INF = float(jnp.finfo(jnp.float32).min)  # a masked score: exp() of it minus anything is 0
-
-
-def attend(q, k, v, mask):
-    """Grouped-query attention of q (B, T, N, H) over k/v (B, S, K, H) under any mask (B|1, T, S)
-    bool: the plain form, used by generation against a KV cache (sample.py). Training's causal
-    self-attention is causal_attention below. Scores and softmax in fp32; each kv head serves
-    G = N/K consecutive query heads."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(H)
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
-
-
-def causal_attention(q, k, v, segment_ids=None, block=128):
-    """Causal grouped-query self-attention, softmax(q k^T / sqrt(H) + causal mask) v, computed
-    flash-style. q (B, T, N, H), k/v (B, T, K, H); with segment_ids (B, T) a token only sees
-    earlier tokens of its own segment (packed documents). Kv head j serves query heads
-    j G .. j G + G - 1 (G = N/K).
-
-    Queries go in blocks of `block` rows, and block i is multiplied only against the keys it can
-    see, [0, end of block i): the masked upper triangle is never computed (with 4 blocks, 6 of the
-    16 score tiles are skipped; with many, nearly half). The forward pass keeps each row's
-    log-sum-exp instead of its probabilities, and the backward pass recomputes one block's
-    probabilities at a time from it (FlashAttention-2's algorithm, written with jnp ops): no
-    (T, T) matrix is ever held, whatever T. Scores, softmax and its statistics are fp32; matmul
-    inputs stay in q/k/v's dtype."""
-    return _flash(q, k, v, segment_ids, block)
-
-
-def _flash_inputs(q, k, v, block):
-    """The layouts the matmuls want: q as a list of query blocks, each (B, K, G R, H) for R rows
-    (rows g-major within the block) and pre-scaled by 1/sqrt(H); k and v as (B, K, T, H)."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    blocks = []
-    for start in range(0, T, block):
-        qb = (q[:, start:start + block].astype(jnp.float32) / math.sqrt(H)).astype(q.dtype)
-        R = qb.shape[1]
-        blocks.append(qb.reshape(B, R, K, N // K, H).transpose(0, 2, 3, 1, 4).reshape(B, K, -1, H))
-    return blocks, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-
-
-def _flash_scores(qb, kt, segment_ids, start, G):
-    """Masked fp32 scores (B, K, G, R, E) of the query block of rows start .. start + R - 1
-    against the keys it can see, 0 .. E - 1 (E = start + R)."""
-    B, K, GR, _ = qb.shape
-    R = GR // G
-    E = start + R
-    scores = jnp.einsum("bkqh,bksh->bkqs", qb, kt[:, :, :E], preferred_element_type=jnp.float32)
-    pos = jnp.arange(E)
-    visible = (pos[start:, None] >= pos[None, :])[None]  # (1, R, E)
-    if segment_ids is not None:
-        visible = visible & (segment_ids[:, start:E, None] == segment_ids[:, None, :E])
-    return jnp.where(visible[:, None, None], scores.reshape(B, K, G, R, E), NEG_INF)
-
-
-def _flash_forward(q, k, v, segment_ids, block):
-    """-> (out (B, T, N, H), log-sum-exp of each score row (B, K, G, T, 1) fp32, _flash_inputs)."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    G = N // K
-    inputs = blocks, kt, vt = _flash_inputs(q, k, v, block)
-    outs, lses = [], []
-    for i, qb in enumerate(blocks):
-        if outs:  # one block at a time (see _flash_bwd)
-            qb, outs[-1], lses[-1] = jax.lax.optimization_barrier((qb, outs[-1], lses[-1]))
-        scores = _flash_scores(qb, kt, segment_ids, i * block, G)  # (B, K, G, R, E)
-        R, E = scores.shape[-2:]
-        top = jnp.max(scores, axis=-1, keepdims=True)
-        p = jnp.exp(scores - top)  # unnormalised probabilities
-        total = jnp.sum(p, axis=-1, keepdims=True)
-        out = jnp.einsum("bkqs,bksh->bkqh", p.reshape(B, K, G * R, E).astype(v.dtype), vt[:, :, :E],
-                         preferred_element_type=jnp.float32)
-        outs.append(out.reshape(B, K, G, R, H) / total)
-        lses.append(top + jnp.log(total))
-    out = jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
-    return out, jnp.concatenate(lses, axis=3), inputs
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _flash(q, k, v, segment_ids, block):
-    return _flash_forward(q, k, v, segment_ids, block)[0]
-
-
-def _flash_fwd(q, k, v, segment_ids, block):
-    out, lse, inputs = _flash_forward(q, k, v, segment_ids, block)
-    return out, (inputs, segment_ids, out, lse)
-
-
-def _flash_bwd(block, residuals, dout):
-    """dS = P * (dP - rowsum(dO * O)) per query block, P recomputed from the saved log-sum-exp."""
-    (blocks, kt, vt), segment_ids, out, lse = residuals
-    B, T, N, H = out.shape
-    K = kt.shape[1]
-    G = N // K
-    dot = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-    # rowsum(dO * O) (B, K, G, T, 1) and dO in the blocks' layout (B, K, G, T, H)
-    delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-    delta = delta.reshape(B, T, K, G).transpose(0, 2, 3, 1)[..., None]
-    dout = dout.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)
-    dqs, dk, dv = [], 0.0, 0.0  # dk, dv as (B, K, H, T), the layout their fastest matmul form gives
-    for i, qb in enumerate(blocks):
-        if i:  # one block at a time: left free, XLA may keep every block's (R, E) matrices alive at
-            # once (+4.5 GiB per chip on lemur70b, +7 on llama2_7b)
-            qb, dk, dv, dqs[-1] = jax.lax.optimization_barrier((qb, dk, dv, dqs[-1]))
-        start = i * block
-        scores = _flash_scores(qb, kt, segment_ids, start, G)
-        R, E = scores.shape[-2:]
-        rows = slice(start, start + R)
-        p = jnp.exp(scores - lse[:, :, :, rows])  # (B, K, G, R, E)
-        do = dout[:, :, :, rows].reshape(B, K, G * R, H)
-        dp = dot("bkqh,bksh->bkqs", do, vt[:, :, :E]).reshape(B, K, G, R, E)
-        ds = (p * (dp - delta[:, :, :, rows])).reshape(B, K, G * R, E).astype(qb.dtype)
-        p = p.reshape(B, K, G * R, E).astype(do.dtype)
-        pad = ((0, 0), (0, 0), (0, 0), (0, T - E))
-        dv = dv + jnp.pad(dot("bkqh,bkqs->bkhs", do, p), pad)  # dO^T P, summed over the G heads
-        dk = dk + jnp.pad(dot("bkqh,bkqs->bkhs", qb, ds), pad)  # (q / sqrt(H))^T dS
-        dqs.append(dot("bkqs,bksh->bkqh", ds, kt[:, :, :E]).reshape(B, K, G, R, H))
-    dq = jnp.concatenate(dqs, axis=3) / math.sqrt(H)
-    dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(out.dtype)
-    dk, dv = (d.transpose(0, 3, 1, 2).astype(kt.dtype) for d in (dk, dv))
-    return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
 def dense(x, w, contract=1, **kwargs):
     """x (..., in) times w (in, ...) -> (..., out), where `in` is the last `contract` dims of x and
     the first of w, computed as one 2-D matmul (rows = all leading dims of x). Written this way,
@@ -284,17 +163,16 @@ def dense(x, w, contract=1, **kwargs):
     return y.reshape(*lead, *out)
 
 
-def attention(lp, x, cos, sin, segment_ids, dtype):
-    """Causal self-attention block without its residual. x (B, T, D) normed; lp holds
-    wq/wk/wv/wo (local heads under tensor parallelism: the output is then a partial sum over
-    heads); segment_ids (B, T) or None."""
+def self_attention(lp, x, rope, attend, dtype):
+    """Self-attention block without its residual. x (B, T, D) normed; lp holds wq/wk/wv/wo (local
+    heads under tensor parallelism: the output is then a partial sum over heads); rope: the
+    (cos, sin) tables of x's positions; attend(q, k, v) -> (B, T, N, H): the attention core."""
     c = lambda w: w.astype(dtype)
     q = dense(x, c(lp["wq"]))  # (B, T, N, H)
     k = dense(x, c(lp["wk"]))  # (B, T, K, H)
     v = dense(x, c(lp["wv"]))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = causal_attention(q, k, v, segment_ids)  # (B, T, N, H)
-    return dense(out, c(lp["wo"]), contract=2)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return dense(attend(q, k, v), c(lp["wo"]), contract=2)
 
 
 def mlp(lp, x, dtype):
@@ -304,13 +182,39 @@ def mlp(lp, x, dtype):
     return dense(jax.nn.silu(gate) * up, c(lp["w_down"]))
 
 
-def scan_layers(layer, x, layers, policy: str):
-    """x -> layer(x, layer 0's weights) -> ... -> through all layers (`layers`: the stacked
-    per-layer weights), as one lax.scan with `layer` under remat(policy). Without remat ("none")
+def _same(x):
+    return x
+
+
+def layer(lp, x, cfg: Config, rope, attend, gather=_same, scatter=_same):
+    """One pre-norm residual layer: x + attention(norm(x)), then + mlp(norm(x)).
+
+    lp: this layer's weights (dtype-cast by the blocks); rope: (cos, sin) of x's positions;
+    attend(q, k, v): the attention core (training: `causal` below; generation: attention over its
+    KV cache). gather / scatter: what the callers put between the residual stream and
+    the blocks. Unsharded they do nothing; sharding.py passes the collectives of sequence
+    parallelism (gather: x[B, T_tensor, D] -> x[B, T, D] before each block; scatter: the block's
+    partial sum over local heads or F -> x[B, T_tensor, D])."""
+    dtype = jnp.dtype(cfg.dtype)
+    h = gather(rms_norm(x, lp["attn_norm"], cfg.norm_eps))
+    x = x + scatter(self_attention(lp, h, rope, attend, dtype))
+    h = gather(rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
+    return x + scatter(mlp(lp, h, dtype))
+
+
+def causal(segment_ids=None):
+    """The attention core of training: causal self-attention, kept inside each segment (packed
+    document) when segment_ids (B, T) are given (attention.causal_attention, looked up at call time)."""
+    return lambda q, k, v: attention.causal_attention(q, k, v, segment_ids)
+
+
+def scan_layers(fn, x, layers, policy: str):
+    """x -> fn(x, layer 0's weights) -> ... -> through all layers (`layers`: the stacked
+    per-layer weights), as one lax.scan with `fn` under remat(policy). Without remat ("none")
     the loop is unrolled: a scan would copy every layer's saved activations into stacked buffers
     and back (6-8% of a CPU step). With remat, the scan keeps compile time flat in depth."""
-    layer = remat(layer, policy)
-    return jax.lax.scan(lambda x, lp: (layer(x, lp), None), x, layers, unroll=policy == "none")[0]
+    fn = remat(fn, policy)
+    return jax.lax.scan(lambda x, lp: (fn(x, lp), None), x, layers, unroll=policy == "none")[0]
 
 
 def remat(fn, policy: str):
@@ -333,16 +237,9 @@ def forward(params, tokens, cfg: Config, segment_ids=None):
 
 def hidden(params, tokens, cfg: Config, segment_ids=None):
     """tokens (B, T) -> final normed hidden states (B, T, D) in cfg.dtype."""
-    dtype = jnp.dtype(cfg.dtype)
-    T = tokens.shape[1]
-    cos, sin = rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta)
-    x = params["embed"].astype(dtype)[tokens]  # (B, T, D)
-
-    def layer(x, lp):
-        x = x + attention(lp, rms_norm(x, lp["attn_norm"], cfg.norm_eps), cos, sin, segment_ids, dtype)
-        return x + mlp(lp, rms_norm(x, lp["mlp_norm"], cfg.norm_eps), dtype)
-
-    x = scan_layers(layer, x, params["layers"], cfg.remat)
+    rope = rope_tables(np.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_theta)
+    x = params["embed"].astype(cfg.dtype)[tokens]  # (B, T, D)
+    x = scan_layers(lambda x, lp: layer(lp, x, cfg, rope, causal(segment_ids)), x, params["layers"], cfg.remat)
     return rms_norm(x, params["norm"], cfg.norm_eps)
 
 

@@ -65,16 +65,17 @@ def make_mesh(data: int, fsdp: int, tensor: int, devices=None) -> Mesh:
     return Mesh(grid, ("data", "fsdp", "tensor"))
 
 
-def check_divisible(cfg: model.Config, mesh: Mesh, batch_rows: int, seq_len: int | None = None):
-    """Raise naming the dimension and the mesh axis when a split would not be even.
-    batch_rows: rows per microbatch; seq_len: tokens per row fed to the model (split over tensor)."""
+def check_divisible(cfg: model.Config, mesh_shape: dict, batch_rows: int, seq_len: int | None = None):
+    """Raise naming the dimension and the mesh axis when a split would not be even. mesh_shape:
+    {axis: size} (a Mesh's .shape); batch_rows: rows per microbatch; seq_len: tokens per row fed to
+    the model (split over tensor)."""
     splits = [("batch rows per microbatch", batch_rows, BATCH), ("dim", cfg.dim, ("fsdp",)),
               ("n_heads", cfg.n_heads, ("tensor",)), ("n_kv_heads", cfg.n_kv_heads, ("tensor",)),
               ("ffn_dim", cfg.ffn_dim, ("tensor",)), ("vocab_size", cfg.vocab_size, ("tensor",))]
     if seq_len is not None:
         splits.append(("seq_len", seq_len, ("tensor",)))
     for name, size, axes in splits:
-        ways = math.prod(mesh.shape[a] for a in axes)
+        ways = math.prod(mesh_shape[a] for a in axes)
         if size % ways:
             raise ValueError(f"{name}={size} does not divide by mesh axis {' x '.join(axes)} "
                              f"(size {ways}) that splits it")
@@ -122,6 +123,14 @@ def param_shardings(cfg: model.Config, mesh: Mesh) -> dict:
     return _tree_map_specs(lambda s: NamedSharding(mesh, s), param_specs(cfg))
 
 
+def param_structs(cfg: model.Config, mesh: Mesh) -> dict:
+    """jax.ShapeDtypeStruct of every param (fp32) with its sharding: the target of a restore or a
+    sharded load, and the arguments of an ahead-of-time compile. Nothing is allocated."""
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, param_shardings(cfg, mesh))
+
+
 def shard_params(params, cfg: model.Config, mesh: Mesh):
     return jax.device_put(params, param_shardings(cfg, mesh))
 
@@ -139,10 +148,13 @@ def batch_sharding(mesh: Mesh, microbatched: bool = False) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH) if microbatched else P(BATCH))
 
 
-def global_batch(local: dict, mesh: Mesh, microbatched: bool = False) -> dict:
-    """Global arrays from this process's rows ({name: array (rows, ...)} or (M, rows, ...)):
-    each process supplies only the rows its own devices hold."""
-    sharding = batch_sharding(mesh, microbatched)
+def global_batch(local: dict, mesh: Mesh, microbatches: int | None = None) -> dict:
+    """Global arrays from this process's rows {name: array (rows, ...)}: each process supplies only
+    the rows its own devices hold. With `microbatches` = M, the rows are first split into M
+    sequential microbatches, (M, rows / M, ...): the layout train steps scan over."""
+    if microbatches is not None:
+        local = {k: np.asarray(v).reshape(microbatches, -1, *np.shape(v)[1:]) for k, v in local.items()}
+    sharding = batch_sharding(mesh, microbatched=microbatches is not None)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
@@ -217,23 +229,19 @@ def _device_loss_sum(params, batch, cfg: model.Config):
     """One device's program: its param shards and rows -> (loss_sum, weight_sum) of the batch."""
     specs, dtype, eps = param_specs(cfg), jnp.dtype(cfg.dtype), cfg.norm_eps
     tokens = batch["tokens"]  # [B_(data,fsdp), T+1]
-    T = tokens.shape[1] - 1
     segment_ids = batch.get("segment_ids")
     segment_ids = None if segment_ids is None else segment_ids[:, :-1]  # of the inputs
-    cos, sin = model.rope_tables(np.arange(T), cfg.head_dim, cfg.rope_theta)
+    rope = model.rope_tables(np.arange(tokens.shape[1] - 1), cfg.head_dim, cfg.rope_theta)
     x = _embed(_gather(params["embed"], specs["embed"], dtype), tokens[:, :-1])  # x[B, T_tensor, D]
 
     def layer(x, lp):  # x[B, T_tensor, D]; lp: this layer's shards, gathered here under the remat
         w = {k: _gather(v, specs["layers"][k][1:], dtype) for k, v in lp.items()}
-        # h[B, T_tensor, D] -> all-gather over tensor along T -> h[B, T, D]
-        h = _all_gather(model.rms_norm(x, w["attn_norm"], eps), "tensor", 1)
-        # out[B, T, D] {partial sum over the local heads} -> reduce-scatter over tensor -> [B, T_tensor, D]
-        x = x + _psum_scatter(model.attention(w, h, cos, sin, segment_ids, dtype), "tensor", 1)
-        # h[B, T_tensor, D] -> all-gather over tensor along T -> h[B, T, D]
-        h = _all_gather(model.rms_norm(x, w["mlp_norm"], eps), "tensor", 1)
-        # out[B, T, D] {partial sum over the local F slice} -> reduce-scatter over tensor -> [B, T_tensor, D]
-        x = x + _psum_scatter(model.mlp(w, h, dtype), "tensor", 1)
-        return x
+        return model.layer(w, x, cfg, rope, model.causal(segment_ids),
+                           # h[B, T_tensor, D] -> all-gather over tensor along T -> h[B, T, D]
+                           gather=lambda h: _all_gather(h, "tensor", 1),
+                           # out[B, T, D] {partial sum over the local heads or F slice}
+                           #   -> reduce-scatter over tensor along T -> out[B, T_tensor, D]
+                           scatter=lambda out: _psum_scatter(out, "tensor", 1))
 
     x = model.scan_layers(layer, x, params["layers"], cfg.remat)
     # h[B, T_tensor, D] -> all-gather over tensor along T -> h[B, T, D]
@@ -251,7 +259,7 @@ def _device_loss_sum(params, batch, cfg: model.Config):
 def loss_sum(params, batch: dict, cfg: model.Config, mesh: Mesh):
     """(loss_sum, weight_sum) of a batch {"tokens": (rows, T+1) int32, optional "weights":
     (rows, T) per target token, optional "segment_ids": (rows, T+1)}, as model.cross_entropy."""
-    check_divisible(cfg, mesh, batch["tokens"].shape[0], batch["tokens"].shape[1] - 1)
+    check_divisible(cfg, mesh.shape, batch["tokens"].shape[0], batch["tokens"].shape[1] - 1)
     return jax.shard_map(partial(_device_loss_sum, cfg=cfg), mesh=mesh,
                          in_specs=(param_specs(cfg), {k: P(BATCH) for k in batch}),
                          out_specs=P())(params, batch)

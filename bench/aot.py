@@ -5,10 +5,10 @@
     python bench/aot.py --smoke         # a tiny model on v4-8; tests/test_bench.py runs it
 
 Each row is `aot.compile_train_step(config, topology)` (the same call as `python aot.py CONFIG
---topology=...`): train.py's step lowered on the slice's compile-only devices and compiled by
+--topology=...`): trainer.py's step lowered on the slice's compile-only devices and compiled by
 libtpu. Per chip HBM from `compiled.memory_analysis()`: arguments (the state and one batch),
-temporaries, total = arguments + outputs + temporaries - aliased (the donated state); the
-breakdown is read from the lines aot.py prints. "mfu" is aot.py's analytic estimate, not a
+temporaries, total = arguments + outputs + temporaries - aliased (the donated state), as
+aot.py returns them (`hbm_bytes`). "mfu" is aot.py's analytic estimate, not a
 measurement. Needs libtpu (`pip install jax[tpu]`); each compile takes ~30-60 s on two CPU cores.
 Last line: one JSON object with every row.
 """
@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,18 +37,16 @@ ROWS = {
 SMOKE = ("tiny", config.TrainConfig(model=model.Config(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2,
                                                          ffn_dim=256, max_seq_len=128),
                                     batch_size=16, seq_len=128, microbatches=2, mesh=(1, 2, 2)), [], "v4-8")
-BREAKDOWN = re.compile(r"^\s+(argument|output|temp|alias|total)\s+(-?[\d.]+) GiB per chip$", re.M)
 
 
 def run(name, cfg, overrides, topology) -> dict:
-    """One row: compile, and return aot.py's JSON result plus the HBM breakdown it printed."""
+    """One row: compile (aot.py's own printing silenced) and return its result."""
     tcfg = config.load(os.path.join(ROOT, cfg), overrides) if isinstance(cfg, str) else cfg
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(io.StringIO()):
         result = aot.compile_train_step(tcfg, topology)
-    parts = {k: float(v) for k, v in BREAKDOWN.findall(out.getvalue())}
-    return {"model": name, **result, "argument_gib": parts.get("argument"), "temp_gib": parts.get("temp"),
-            "output_gib": parts.get("output"), "alias_gib": parts.get("alias")}
+    hbm = result["hbm_bytes"] or {}  # None when the compiler refused it
+    return {"model": name, **result, **{f"{k}_gib": hbm[k] / aot.GIB if k in hbm else None
+                                        for k in ("argument", "output", "temp", "alias")}}
 
 
 def main(argv):

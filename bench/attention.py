@@ -1,5 +1,5 @@
-"""One layer's causal attention, forward + backward, on the CPU: model.causal_attention against
-the plain masked softmax (model.attend under a causal mask, differentiated by JAX) and torch's
+"""One layer's causal attention, forward + backward, on the CPU: attention.causal_attention against
+the plain masked softmax (attention.attend under a causal mask, differentiated by JAX) and torch's
 `scaled_dot_product_attention(is_causal=True)` (what Hugging Face's Llama calls, a fused kernel).
 
     python bench/attention.py                   # batch 8, seq 512, 8 heads on 8 kv heads of 64, fp32
@@ -47,7 +47,7 @@ def main(argv):
     import numpy as np
     import torch
 
-    import model
+    import attention
 
     B, T, N, K, H = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
     rng = np.random.default_rng(0)
@@ -59,8 +59,8 @@ def main(argv):
         grads = jax.jit(lambda q, k, v: jax.vjp(attn, q, k, v)[1](jnp.asarray(dout)))
         return lambda: jax.block_until_ready(grads(q, k, v))
 
-    ours = jax_side(lambda q, k, v: model.causal_attention(q, k, v, block=args.block))
-    plain = jax_side(lambda q, k, v: model.attend(q, k, v, mask))
+    ours = jax_side(lambda q, k, v: attention.causal_attention(q, k, v, block=args.block))
+    plain = jax_side(lambda q, k, v: attention.attend(q, k, v, mask))
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ours(), plain()))
 
     tq, tk, tv = (torch.tensor(x).transpose(1, 2).requires_grad_() for x in (q, k, v))  # (B, heads, T, H)

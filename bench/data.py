@@ -2,7 +2,8 @@
 
     python bench/data.py                      # demo corpus code source, demo tokenizer (out/demo_data)
     python bench/data.py --tokenizer PATH     # e.g. the Llama-2 tokenizer.model
-    python bench/data.py --smoke              # tiny sizes; tests/test_data.py runs it so it cannot rot
+    python bench/data.py --smoke              # tiny sizes, the demo's 1024-piece tokenizer; tests/test_data.py
+                                              # runs it (with --cache: its demo corpus) so it cannot rot
 
 Baseline: the documents of the demo corpus's code file, parsed beforehand (untimed), encoded by one
 `SentencePieceProcessor.encode(docs, num_threads=cpu_count)` call. Loader: a `data.Loader` over that
@@ -26,17 +27,20 @@ sys.path.insert(0, ROOT)
 import sentencepiece as spm  # noqa: E402
 
 import data  # noqa: E402
+import demo  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny corpus share, small vocab, short rows")
+    parser.add_argument("--smoke", action="store_true", help="tiny corpus share, the demo vocab, short rows")
     parser.add_argument("--tokenizer", default="", help="a sentencepiece model (default: the demo one)")
     parser.add_argument("--repeats", type=int, default=5, help="pairs of runs; medians are reported")
-    parser.add_argument("--cache", default=os.path.join(ROOT, "out", "demo_data"), help="demo corpus cache")
+    parser.add_argument("--cache", help="demo corpus cache (default: out/demo_data, or a temporary one for --smoke)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        sources, tokenizer = data.demo_corpus(tmp if args.smoke else args.cache, 512 if args.smoke else 4096)
+        cache = args.cache or (tmp if args.smoke else os.path.join(ROOT, "out", "demo_data"))
+        sources, tokenizer = demo.corpus(cache, 1024 if args.smoke else 4096)
         tokenizer = args.tokenizer or tokenizer
         code = sources[0]
         with open(code.paths[0], encoding="utf-8") as f:
@@ -53,7 +57,7 @@ def main():
             sp_rates.append(sp_tokens / (time.perf_counter() - start))
 
             start = time.perf_counter()
-            loader = data.Loader([code], data.Tokenizer(tokenizer), seq_len, batch_size)
+            loader = data.Loader([code], Tokenizer(tokenizer), seq_len, batch_size)
             tokens = 0
             while tokens < sp_tokens * 0.9:
                 tokens += next(loader)["tokens"].size

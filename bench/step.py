@@ -6,7 +6,7 @@
     python bench/step.py --smoke            # tiny sizes; tests/test_bench.py runs it so it cannot rot
     python bench/step.py --xla_flags=--xla_cpu_experimental_ynn_fusion_type=   # extra XLA flags (ours)
 
-Ours: train.make_train_step (sharding.py's shard_map program on a (1, 1, 1) mesh, clip + Adam,
+Ours: trainer.make_train_step (sharding.py's shard_map program on a (1, 1, 1) mesh, clip + Adam,
 donated state) on one microbatch of `batch` rows. Model knobs: remat "none" by default (a CPU has
 memory to spare, so nothing is recomputed; `--remat` changes it), compute dtype fp32.
 Theirs: transformers' LlamaForCausalLM (same dims, untied embeddings, its default attention
@@ -20,7 +20,7 @@ environment (plus `--xla_flags`) reach our worker and are printed in the JSON; b
 Each worker builds its model, compiles/warms up, then waits; the parent asks them in
 turn (A B A B ...) to time `--steps` steps, `--repeats` times, so load from anything else on the
 machine hits both sides alike. Reported: medians of the per-run tokens/s and the median of the
-per-pair ratios ours/theirs. Model FLOPs: train.flops_per_token (6 N per token + causal
+per-pair ratios ours/theirs. Model FLOPs: model.flops_per_token (6 N per token + causal
 attention 6 L T D), as a fraction of the fp32 matmul rate measured by a jitted 2048^3 jnp.dot in
 the same worker at the same time (the best of several tries). Last line: one JSON object.
 """
@@ -74,7 +74,7 @@ def ours(args):
     import config
     import model
     import sharding
-    import train
+    import trainer
 
     mcfg = model.Config(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                         n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=args.seq, dtype="float32",
@@ -82,10 +82,11 @@ def ours(args):
     tcfg = config.TrainConfig(model=mcfg, batch_size=args.batch, seq_len=args.seq, microbatches=1,
                               mesh=(1, 1, 1), lr=3e-4, warmup_steps=0, steps=10 ** 6)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    state = train.init_state(tcfg, mcfg, mesh, jax.random.key(0))
-    step_fn = train.make_train_step(tcfg, mcfg, mesh)
-    tokens = np.random.default_rng(0).integers(0, args.vocab, (1, args.batch, args.seq + 1), dtype=np.int32)
-    batch = sharding.global_batch({"tokens": tokens}, mesh, microbatched=True)
+    tx = trainer.make_optimizer(tcfg)
+    state = trainer.init_state(tx, mcfg, mesh, jax.random.key(0))
+    step_fn = trainer.make_train_step(tcfg, tx, mcfg, mesh)
+    tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
+    batch = sharding.global_batch({"tokens": tokens}, mesh, microbatches=1)
     holder = {"state": state}
 
     def step():
@@ -105,7 +106,7 @@ def ours(args):
             best = min(best, time.perf_counter() - start)
         return 2 * n ** 3 / best
 
-    meta = {"flops_per_token": train.flops_per_token(mcfg, args.seq), "params": model.param_count(mcfg),
+    meta = {"flops_per_token": model.flops_per_token(mcfg, args.seq), "params": model.param_count(mcfg),
             "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
     return step, matmul_rate, meta
 

@@ -3,7 +3,7 @@
 # docstrings and signatures; every chat format), 2 epochs, a few minutes on 2 CPU cores:
 #   python sft.py configs/tiny_chat.py
 #   python sample.py out/tiny_chat --chat --prompt 'What does `shlex.quote` do?'
-from sft import SFTConfig
+from config import SFTConfig
 
 config = SFTConfig(
     out_dir="out/tiny_chat",

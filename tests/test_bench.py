@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(*args, timeout=120):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # not conftest's 8 forced devices
-    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # test_aot.py's libtpu in this process holds its lockfile
+    # not conftest's 8 forced devices; test_aot.py's libtpu in this process holds its lockfile
+    env = subprocess_env(ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -33,7 +34,9 @@ def test_aot_benchmark_smoke():
         pytest.skip("libtpu (jax[tpu]) cannot describe TPU topologies here")
     (row,) = run_bench("bench/aot.py", "--smoke")["rows"]
     assert row["topology"] == "v4-8" and row["fits"] and 0 <= row["hbm_per_chip_gib"] < 1, row
-    assert row["argument_gib"] is not None and row["temp_gib"] is not None, row
+    hbm = row["hbm_bytes"]
+    assert row["argument_gib"] == hbm["argument"] / 2**30 > 0 and row["temp_gib"] == hbm["temp"] / 2**30, row
+    assert hbm["total"] == hbm["argument"] + hbm["output"] + hbm["temp"] + hbm["alias"], row
 
 
 def test_attention_benchmark_smoke():

@@ -1,4 +1,5 @@
-"""data.py: mixture shares, packing, resumption, multi-process equivalence, bad input, demo corpus."""
+"""data.py, records.py, tokenizer.py and demo.py: mixture shares, packing, resumption, multi-process
+equivalence, formats, bad input, the demo corpus."""
 import filecmp
 import gzip
 import io
@@ -13,7 +14,11 @@ import pytest
 import sentencepiece as spm
 
 import data
-from data import Loader, Source, Tokenizer
+import demo
+from conftest import subprocess_env
+from data import Loader
+from records import Source
+from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST, SECOND = "abcdefghijklm", "nopqrstuvwxyz"  # each source writes with its own letters
@@ -90,7 +95,9 @@ def test_packing_and_segment_ids(tmp_path, tok_path):
     np.testing.assert_array_equal(segs, expected - expected[:, :1])
 
 
-def test_restore_mid_file_continues_identically(tmp_path, tok_path):
+def check_restore_mid_file(tmp_path, tok_path):
+    """A loader restored from the state after 7 batches (mid-file, mid-document) yields exactly the
+    next 100 batches of the loader that kept going."""
     sources = corpus(tmp_path, files=(4, 1), docs=10)
     tok = Tokenizer(tok_path)
     loader = Loader(sources, tok, seq_len=24, batch_size=4, num_streams=2, document_mask=True)
@@ -103,6 +110,19 @@ def test_restore_mid_file_continues_identically(tmp_path, tok_path):
     for a, b in zip(expected, resumed):
         np.testing.assert_array_equal(a["tokens"], b["tokens"])
         np.testing.assert_array_equal(a["segment_ids"], b["segment_ids"])
+
+
+def test_restore_mid_file_continues_identically(tmp_path, tok_path):
+    check_restore_mid_file(tmp_path, tok_path)
+
+
+def test_restore_check_catches_a_lost_token_offset(tmp_path, tok_path, monkeypatch):
+    """Guard: a position that forgets how far into its document it was (the token offset) restarts
+    the document on restore; the check above sees it."""
+    state = data._Packer.state
+    monkeypatch.setattr(data._Packer, "state", lambda self: [*state(self)[:3], 0])
+    with pytest.raises(AssertionError):
+        check_restore_mid_file(tmp_path, tok_path)
 
 
 @pytest.mark.parametrize("files", [(8, 1), (3, 2)])  # whole files per stream, and lines per stream
@@ -221,11 +241,15 @@ def test_configuration_errors(tmp_path, tok_path):
     tok = Tokenizer(tok_path)
     (tmp_path / "dir.jsonl").mkdir()  # matches the glob but cannot be read (chmod does not stop root)
     cases = [(Source("s", (str(tmp_path / "none*.jsonl"),), 1.0), "matches no files"),
-             (Source("s", (str(tmp_path / "dir.jsonl"),), 1.0), "cannot read"),
-             (Source("s", (good,), 0.0), "weight must be > 0")]
+             (Source("s", (str(tmp_path / "dir.jsonl"),), 1.0), "cannot read")]
     for src, message in cases:
         with pytest.raises((ValueError, OSError), match=message):
             Loader([src], tok, 16, 2)
+    for weight in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="source 's': weight must be > 0"):
+            Source("s", (good,), weight)
+    with pytest.raises(TypeError, match="paths must be a tuple"):
+        Source("s", good, 1.0)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         Tokenizer(str(tmp_path / "missing.model"))
     with pytest.raises(ValueError, match="process_count"):
@@ -241,19 +265,20 @@ def test_optional_formats_name_the_missing_package(tmp_path, tok_path, monkeypat
             Loader([Source("s", (str(tmp_path / name),), 1.0)], Tokenizer(tok_path), 16, 2)
 
 
-def test_demo_corpus_is_deterministic_and_cached(tmp_path):
-    # b starts with the leftovers of an interrupted build: no COMPLETE marker, a broken tokenizer
-    interrupted = tmp_path / "b" / f"demo{data.DEMO_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}-v1024"
+def test_demo_corpus_is_deterministic_and_cached(tmp_path, runs_dir):
+    """A second build (over the leftovers of an interrupted one: no COMPLETE marker, a broken
+    tokenizer) gives files identical to the test run's build, which is reused, not rebuilt."""
+    built = demo.cache_dir(str(runs_dir / "run"))
+    interrupted = tmp_path / f"demo{demo.VERSION}-{demo.PYTHON}-v1024"
     interrupted.mkdir(parents=True)
     (interrupted / "tokenizer.model").write_bytes(b"half a model")
-    sources, tokenizer = data.demo_corpus(str(tmp_path / "a"), vocab_size=1024)
-    other_sources, other_tokenizer = data.demo_corpus(str(tmp_path / "b"), vocab_size=1024)
+    stamp = os.stat(demo.corpus(built)[1]).st_mtime_ns
+    sources, tokenizer = demo.corpus(built)
+    other_sources, other_tokenizer = demo.corpus(str(tmp_path))
     assert os.path.dirname(other_tokenizer) == str(interrupted)
     for a, b in [(tokenizer, other_tokenizer)] + [(s.paths[0], o.paths[0]) for s, o in zip(sources, other_sources)]:
         assert os.path.getsize(a) > 10_000 and filecmp.cmp(a, b, shallow=False)
     assert [s.weight for s in sources] == [10.0, 1.0] and Tokenizer(tokenizer).vocab_size == 1024
-    stamp = os.stat(tokenizer).st_mtime_ns
-    assert data.demo_corpus(str(tmp_path / "a"), vocab_size=1024) == (sources, tokenizer)
     assert os.stat(tokenizer).st_mtime_ns == stamp  # reused, not rebuilt
 
 
@@ -263,13 +288,13 @@ def test_cli_prints_shares(tmp_path, tok_path):
     cfg.write_text(f"from config import TrainConfig\nfrom data import Source\n"
                    f"config = TrainConfig(sources={tuple(sources)!r}, tokenizer={tok_path!r}, seq_len=32, batch_size=4)\n")
     out = subprocess.run([sys.executable, "data.py", str(cfg), "--batches", "20", "--seed=1"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=subprocess_env()).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["shares"] == {"first": 0.5, "second": 0.5} and report["tokens_per_sec"] > 0
 
 
-def test_benchmark_smoke():
-    out = subprocess.run([sys.executable, "bench/data.py", "--smoke"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+def test_benchmark_smoke(runs_dir):
+    out = subprocess.run([sys.executable, "bench/data.py", "--smoke", "--cache", demo.cache_dir(str(runs_dir / "run"))],
+                         cwd=ROOT, capture_output=True, text=True, check=True, env=subprocess_env()).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["loader_tokens_per_sec"] > 0 and report["sentencepiece_tokens_per_sec"] > 0 and report["ratio"] > 0

@@ -1,4 +1,4 @@
-"""model.py and convert.py against Hugging Face transformers' LlamaForCausalLM (fp32, CPU)."""
+"""model.py, attention.py and hf.py against Hugging Face transformers' LlamaForCausalLM (fp32, CPU)."""
 import dataclasses
 import json
 import os
@@ -11,7 +11,8 @@ import pytest
 import torch
 import transformers
 
-import convert
+import attention
+import hf
 import model
 
 # grouped-query attention (6 query heads on 2 kv heads) and odd sizes everywhere else
@@ -40,7 +41,7 @@ def hf_model():
 
 
 def from_state_dict(sd, cfg):
-    """HF state dict -> our params, written out independently of convert.py."""
+    """HF state dict -> our params, written out independently of hf.py."""
     t = lambda name: sd[name].detach().numpy()
     N, K, H, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
     layer = lambda fmt, f: np.stack([f(t(fmt.format(i))) for i in range(cfg.n_layers)])
@@ -78,14 +79,14 @@ def max_diff(params, m, cfg=CFG):
 
 @pytest.mark.parametrize("block", [128, 8, 7])  # T = 32: one query block, 4 blocks, 5 uneven ones
 def test_logits_match_transformers(hf_model, monkeypatch, block):
-    monkeypatch.setattr(model, "causal_attention", partial(model.causal_attention, block=block))
+    monkeypatch.setattr(attention, "causal_attention", partial(attention.causal_attention, block=block))
     assert max_diff(from_state_dict(hf_model.state_dict(), CFG), hf_model) <= TOL
 
 
 def test_grads_match_transformers(hf_model, monkeypatch):
     """Every d loss / d param against torch autograd through HF's model: checks the hand-written
     attention backward (5 uneven query blocks here) along with everything JAX differentiates."""
-    monkeypatch.setattr(model, "causal_attention", partial(model.causal_attention, block=7))
+    monkeypatch.setattr(attention, "causal_attention", partial(attention.causal_attention, block=7))
     params = from_state_dict(hf_model.state_dict(), CFG)
     hf_model.zero_grad()
     tokens = torch.tensor(TOKENS)
@@ -109,8 +110,8 @@ def test_causal_attention_matches_masked_softmax(block):
     q, k, v = (jax.random.normal(jax.random.key(i), (2, T, 4 if i == 0 else 2, 8)) for i in range(3))
     segment_ids = jnp.cumsum(jax.random.bernoulli(jax.random.key(3), 0.2, (2, T)), axis=1)
     mask = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    ours = lambda q, k, v: jnp.sum(jnp.sin(model.causal_attention(q, k, v, segment_ids, block)))
-    plain = lambda q, k, v: jnp.sum(jnp.sin(model.attend(q, k, v, mask)))
+    ours = lambda q, k, v: jnp.sum(jnp.sin(attention.causal_attention(q, k, v, segment_ids, block)))
+    plain = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, mask)))
     for a, b in zip(*(jax.tree.leaves(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v))
                       for f in (ours, plain))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
@@ -126,28 +127,28 @@ def test_parity_test_catches_broken_model(hf_model, monkeypatch, broken):
             return jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).reshape(x.shape)
         monkeypatch.setattr(model, "apply_rope", apply_rope)
     else:  # query head n served by kv head n % K instead of n // G
-        attend = model.causal_attention
+        attend = attention.causal_attention
         def interleaved(q, k, v, segment_ids):
             B, T, N, H = q.shape
             K = k.shape[2]
             q = q.reshape(B, T, N // K, K, H).swapaxes(2, 3).reshape(B, T, N, H)
             out = attend(q, k, v, segment_ids)
             return out.reshape(B, T, K, N // K, H).swapaxes(2, 3).reshape(B, T, N, H)
-        monkeypatch.setattr(model, "causal_attention", interleaved)
+        monkeypatch.setattr(attention, "causal_attention", interleaved)
     assert max_diff(from_state_dict(hf_model.state_dict(), CFG), hf_model) > 10 * TOL  # the parity test would fail
 
 
 def test_hf_files_to_ours(hf_model, tmp_path):
     hf_model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded, with an index
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    cfg, params = convert.load_hf(str(tmp_path))
+    cfg, params = hf.load_hf(str(tmp_path))
     assert dataclasses.replace(cfg, dtype="float32") == CFG
     assert max_diff(params, hf_model, CFG) <= TOL
 
 
 def test_ours_to_hf_files(tmp_path):
     params = model.init_params(CFG, jax.random.key(1))
-    convert.save_hf(params, CFG, str(tmp_path), dtype="float32", max_shard_bytes=30_000)
+    hf.save_hf(params, CFG, str(tmp_path), dtype="float32", max_shard_bytes=30_000)
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
     m = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert max_diff(params, m) <= TOL
@@ -165,8 +166,8 @@ def test_sharded_load_reads_slices(hf_model, tmp_path):
                         "w_up": P(None, "fsdp", "tensor"), "w_down": P(None, "tensor", "fsdp")}}
     specs["layers"]["wq"] = P("fsdp", None, "tensor")  # layer axis sliced too
     shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
-    _, sharded = convert.load_hf(str(tmp_path), shardings)
-    _, full = convert.load_hf(str(tmp_path))
+    _, sharded = hf.load_hf(str(tmp_path), shardings)
+    _, full = hf.load_hf(str(tmp_path))
     for a, b, s in zip(jax.tree.leaves(sharded), jax.tree.leaves(full), jax.tree.leaves(shardings)):
         assert a.sharding == s
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -198,7 +199,7 @@ def test_unsupported_config_is_named(hf_model, tmp_path, key, value, match):
     path = _saved(hf_model, tmp_path)
     _edit_config(path, **{key: value})
     with pytest.raises(ValueError, match=match):
-        convert.load_hf(str(path))
+        hf.load_hf(str(path))
 
 
 def test_bad_tensors_are_named(hf_model, tmp_path):
@@ -213,7 +214,7 @@ def test_bad_tensors_are_named(hf_model, tmp_path):
     for match, tensors in cases.items():
         st.save_file(tensors, str(tmp_path / "model.safetensors"))
         with pytest.raises(ValueError, match=match):
-            convert.load_hf(str(tmp_path))
+            hf.load_hf(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- model properties
@@ -259,11 +260,15 @@ def test_document_mask_isolates_documents():
     assert np.abs(unmasked[:, 13:] - alone).max() > 1e-3
 
 
-def test_loss_weights():
-    params = model.init_params(CFG, jax.random.key(5))
-    tokens = jnp.asarray(TOKENS)
-    logits = model.forward(params, tokens[:, :-1], CFG)
-    losses = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
-    w = jnp.asarray(np.random.default_rng(1).integers(0, 2, losses.shape), jnp.float32)
-    np.testing.assert_allclose(model.loss_fn(params, tokens, CFG, w), (losses * w).sum() / w.sum(), rtol=1e-5)
-    np.testing.assert_allclose(model.loss_fn(params, tokens, CFG), losses.mean(), rtol=1e-5)
+def test_loss_weights(hf_model):
+    """loss_fn's weighted mean against torch's cross-entropy on transformers' logits."""
+    params = from_state_dict(hf_model.state_dict(), CFG)
+    tokens = TOKENS
+    with torch.no_grad():
+        logits = hf_model(torch.tensor(tokens[:, :-1])).logits
+        losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(tokens[:, 1:]).flatten(),
+                                                   reduction="none").reshape(tokens[:, 1:].shape).numpy()
+    w = np.random.default_rng(1).integers(0, 2, losses.shape).astype(np.float32)
+    np.testing.assert_allclose(model.loss_fn(params, jnp.asarray(tokens), CFG, jnp.asarray(w)),
+                               (losses * w).sum() / w.sum(), rtol=1e-5)
+    np.testing.assert_allclose(model.loss_fn(params, jnp.asarray(tokens), CFG), losses.mean(), rtol=1e-5)

@@ -1,7 +1,10 @@
-"""sample.py: KV-cache generation equals full forward passes and Hugging Face; sampling options."""
+"""generate.py and sample.py: KV-cache generation equals full forward passes and Hugging Face;
+sampling options; loading checkpoints and Hugging Face directories."""
 import dataclasses
 import io
 import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +12,10 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-import convert
+import chat
+import checkpoint
+import generate
+import hf
 import model
 import sample
 
@@ -36,7 +42,7 @@ def greedy_without_cache(params, tokens, n):
 
 
 def test_cached_greedy_equals_full_forward_each_step(params):
-    out = sample.generate(params, CFG, PROMPT, 24)
+    out = generate.generate(params, CFG, PROMPT, 24)
     assert out == greedy_without_cache(params, PROMPT, 24)
     assert len(set(out)) > 3  # not a degenerate constant sequence
 
@@ -44,32 +50,32 @@ def test_cached_greedy_equals_full_forward_each_step(params):
 def test_greedy_equals_transformers_generate(params, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    convert.save_hf(params, CFG, str(tmp_path), dtype="float32")
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ours without stop tokens
+    hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    theirs.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ours without stop tokens
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert sample.generate(params, CFG, PROMPT, 16) == ref[0, len(PROMPT):].tolist()
+        ref = theirs.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert generate.generate(params, CFG, PROMPT, 16) == ref[0, len(PROMPT):].tolist()
 
 
 def test_stop_tokens_context_and_vocab_limit(params):
-    greedy = sample.generate(params, CFG, PROMPT, 10)
-    assert sample.generate(params, CFG, PROMPT, 10, stop_tokens=(greedy[3],)) == greedy[:greedy.index(greedy[3]) + 1]
-    assert len(sample.generate(params, CFG, PROMPT, 1000)) == CFG.max_seq_len - len(PROMPT)  # stops at the context
-    assert max(sample.generate(params, CFG, PROMPT, 10, vocab_size=min(greedy))) < min(greedy)
+    greedy = generate.generate(params, CFG, PROMPT, 10)
+    assert generate.generate(params, CFG, PROMPT, 10, stop_tokens=(greedy[3],)) == greedy[:greedy.index(greedy[3]) + 1]
+    assert len(generate.generate(params, CFG, PROMPT, 1000)) == CFG.max_seq_len - len(PROMPT)  # stops at the context
+    assert max(generate.generate(params, CFG, PROMPT, 10, vocab_size=min(greedy))) < min(greedy)
     with pytest.raises(ValueError, match="prompt has 64 tokens.*context of 64"):
-        sample.generate(params, CFG, [1] * 64, 5)
+        generate.generate(params, CFG, [1] * 64, 5)
 
 
 def test_sampling_options(params):
-    greedy = sample.generate(params, CFG, PROMPT, 8)
-    assert sample.generate(params, CFG, PROMPT, 8, temperature=1.0, top_k=1, seed=3) == greedy
-    assert sample.generate(params, CFG, PROMPT, 8, temperature=1.0, top_p=1e-6, seed=3) == greedy
-    draws = [sample.generate(params, CFG, PROMPT, 8, temperature=2.0, seed=s) for s in (1, 1, 2)]
+    greedy = generate.generate(params, CFG, PROMPT, 8)
+    assert generate.generate(params, CFG, PROMPT, 8, temperature=1.0, top_k=1, seed=3) == greedy
+    assert generate.generate(params, CFG, PROMPT, 8, temperature=1.0, top_p=1e-6, seed=3) == greedy
+    draws = [generate.generate(params, CFG, PROMPT, 8, temperature=2.0, seed=s) for s in (1, 1, 2)]
     assert draws[0] == draws[1] and draws[0] != draws[2]
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 2000)
-    counts = lambda **kw: np.bincount(np.asarray(jax.vmap(lambda k: sample.sample_logits(logits, k, 1.0, kw['top_k'], kw['top_p'])[0])(keys)),
+    counts = lambda **kw: np.bincount(np.asarray(jax.vmap(lambda k: generate.sample_logits(logits, k, 1.0, kw['top_k'], kw['top_p'])[0])(keys)),
                                       minlength=4)
     assert counts(top_k=2, top_p=1.0)[2:].sum() == 0 and counts(top_k=3, top_p=1.0)[2] > 0
     assert counts(top_k=0, top_p=0.75)[2:].sum() == 0 and counts(top_k=0, top_p=0.85)[2] > 0  # 0.5 + 0.3 reaches 0.8
@@ -80,7 +86,7 @@ def test_load_hf_directory_with_added_tokens(params, tmp_path):
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=123,
                                    byte_fallback=False, num_threads=1, pad_id=-1, minloglevel=2)
-    convert.save_hf(params, CFG, str(tmp_path), dtype="float32")
+    hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
     (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 124, "<|im_start|>": 123}))
     p, cfg, tok = sample.load(str(tmp_path))
@@ -89,3 +95,44 @@ def test_load_hf_directory_with_added_tokens(params, tmp_path):
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 125}))
     with pytest.raises(ValueError, match="without gaps"):
         sample.load(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def spm_model(tmp_path_factory):
+    """A 100-piece sentencepiece model (its 100 + 5 chat tokens fit CFG's vocabulary of 128)."""
+    lines = [f"word{i % 40} text {i} of the data" for i in range(400)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=100,
+                                   byte_fallback=False, num_threads=1, pad_id=-1, minloglevel=2)
+    path = tmp_path_factory.mktemp("spm") / "tok.model"
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
+def test_a_moved_checkpoint_samples_with_its_own_tokenizer(params, spm_model, tmp_path):
+    """The checkpoint holds a copy of the tokenizer and its added tokens: deleting the original
+    file and moving the checkpoint elsewhere changes nothing."""
+    original = tmp_path / "tokenizer_elsewhere.model"
+    shutil.copyfile(spm_model, original)
+    tok = chat.chat_tokenizer(str(original))
+    checkpoint.save(str(tmp_path / "run"), 3, {"params": params}, {}, {"model": dataclasses.asdict(CFG)}, 1, tok)
+    original.unlink()
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    p, cfg, loaded = sample.load(str(tmp_path / "moved"))
+    assert cfg == CFG and loaded.added == tok.added and loaded.vocab_size == 105
+    assert loaded.encode("<|im_start|>word3 text") == tok.encode("<|im_start|>word3 text")
+    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "chat"])
+def test_checkpoints_from_before_tokenizers_were_saved_still_load(params, spm_model, tmp_path, kind, capsys):
+    """A checkpoint written before checkpoints carried their tokenizer: meta.json names the run's
+    tokenizer file in its config, and only sft.py configs have "epochs"."""
+    run = {"out_dir": str(tmp_path), "tokenizer": spm_model, **({"epochs": 2} if kind == "chat" else {})}
+    checkpoint.save(str(tmp_path), 5, {"params": params}, {}, {"config": run, "model": dataclasses.asdict(CFG)}, 1)
+    reader = checkpoint.Reader(checkpoint.latest(str(tmp_path)))
+    assert "tokenizer" not in reader.meta and not os.path.exists(os.path.join(reader.path, "tokenizer.model"))
+    _, cfg, tok = sample.load(str(tmp_path))
+    assert cfg == CFG and (set(tok.added) == set(chat.CHAT_TOKENS) if kind == "chat" else tok.added == {})
+    sample.main([str(tmp_path), "--prompt", "word1", "--max_new_tokens", "4", *(["--chat"] if kind == "chat" else [])])
+    assert capsys.readouterr().out.strip()

@@ -1,4 +1,5 @@
-"""sft.py: chat formats and masks, bad records, packing, epochs, the vocabulary resize, a short run."""
+"""chat.py and sft.py: chat formats and masks, bad records, packing, epochs, the vocabulary resize,
+a short run."""
 import collections
 import dataclasses
 import io
@@ -11,9 +12,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+import chat
 import checkpoint
 import data
+import generate
 import model
+import records
 import sample
 import sft
 
@@ -36,7 +40,7 @@ def tok_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tok_path):
-    return sft.chat_tokenizer(tok_path)
+    return chat.chat_tokenizer(tok_path)
 
 
 def chatml(turns):
@@ -64,7 +68,7 @@ FORMATS = {
 @pytest.mark.parametrize("name", FORMATS)
 def test_encode_every_format(tok, name):
     record, turns = FORMATS[name]
-    tokens, mask = sft.encode_conversation(record, tok)
+    tokens, mask = chat.encode_conversation(record, tok)
     assert tokens.shape == mask.shape and tokens[0] == tok.bos_id and tokens[-1] == tok.eos_id
     assert tok.decode(tokens) == chatml(turns)  # exactly ChatML (bos and eos decode to nothing)
     replies = "".join(content + "<|im_end|>" for role, content in turns if role == "assistant")
@@ -73,10 +77,14 @@ def test_encode_every_format(tok, name):
     assert (tokens == tok.added["<|im_start|>"]).sum() == len(turns)  # text in a reply stays text
 
 
-def test_encode_prompt_is_a_prefix_of_training(tok):
+def test_encode_prompt_is_chatml_and_a_prefix_of_training(tok):
+    """The prompt is the ChatML text of the turns so far plus an open assistant header, encoded as a
+    Hugging Face tokenizer with added tokens does (tok.encode cuts the special tokens out of the
+    text); a trained conversation continues it with the reply."""
     turns = FORMATS["sharegpt"][1]
-    tokens, mask = sft.encode_turns([turns], tok)[0]
-    prompt = sft.encode_prompt(turns[:-1], tok)
+    prompt = chat.encode_prompt(turns[:-1], tok)
+    assert prompt == [tok.bos_id] + tok.encode(chatml(turns[:-1]) + "<|im_start|>assistant\n")
+    tokens, mask = chat.encode_turns([turns], tok)[0]
     assert tokens[:len(prompt)].tolist() == prompt and mask[len(prompt)] == 1 and mask[len(prompt) - 1] == 0
 
 
@@ -95,16 +103,16 @@ def test_bad_records_skipped_and_counted_or_raised(tok, tmp_path, caplog):
     path = tmp_path / "mixed.jsonl"
     lines = [json.dumps(r) for r, _ in BAD] + ["{not json", json.dumps(FORMATS["alpaca"][0])]
     path.write_text("\n".join(lines) + "\n")
-    counts = collections.Counter()
-    with caplog.at_level(logging.WARNING, logger="sft"):
-        ds = sft.Dataset(data.Source("m", (str(path),), 1.0, eval_fraction=0.0), tok, 256, "skip", counts)
+    counts, skips = collections.Counter(), records.Skips("skip")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        ds = chat.Dataset(records.Source("m", (str(path),), 1.0, eval_fraction=0.0), tok, 256, skips, counts)
     assert len(ds.train) == 1 and counts["examples"] == 1
     reasons = [r for _, r in BAD] + ["malformed JSON"]
     for i, reason in enumerate(reasons, 1):
-        assert sum(v for k, v in counts.items() if reason in k) == reasons.count(reason)
+        assert sum(v for k, v in skips.counts.items() if reason in k) == reasons.count(reason)
         assert f"{path}:{i}: " in caplog.text
-    with pytest.raises(sft.BadRecord, match=f"{path}:1: no known format"):
-        sft.Dataset(data.Source("m", (str(path),), 1.0), tok, 256, "raise", collections.Counter())
+    with pytest.raises(records.BadRecord, match=f"{path}:1: no known format"):
+        chat.Dataset(records.Source("m", (str(path),), 1.0), tok, 256, records.Skips("raise"), collections.Counter())
 
 
 def test_long_conversations_truncated_or_dropped(tok, tmp_path):
@@ -113,7 +121,7 @@ def test_long_conversations_truncated_or_dropped(tok, tmp_path):
     path.write_text(json.dumps([{"instruction": "write code", "input": "", "output": long_question},  # truncated reply
                                 {"instruction": long_question, "input": "", "output": "ok"}]))  # no reply fits
     counts = collections.Counter()
-    ds = sft.Dataset(data.Source("l", (str(path),), 1.0, eval_fraction=0.0), tok, 40, "skip", counts)
+    ds = chat.Dataset(records.Source("l", (str(path),), 1.0, eval_fraction=0.0), tok, 40, records.Skips("skip"), counts)
     assert counts["truncated to seq_len"] == 1 and counts["dropped: too long, no trainable token within seq_len"] == 1
     assert len(ds.train) == 1 and len(ds.train[0][0]) == 40 and ds.train[0][1].any()
 
@@ -122,7 +130,7 @@ def unique_examples(tmp_path, n, name="u"):
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"q {i}", "input": "", "output": f"{name} {i}"}) + "\n"
                             for i in range(n)))
-    return data.Source(name, (str(path),), 1.0, eval_fraction=0.0)
+    return records.Source(name, (str(path),), 1.0, eval_fraction=0.0)
 
 
 def seen(tok, batch):
@@ -137,10 +145,10 @@ def seen(tok, batch):
 
 def test_two_epochs_see_each_example_exactly_twice(tok, tmp_path):
     src = unique_examples(tmp_path, 37)
-    ds = [sft.Dataset(src, tok, 65, "skip", collections.Counter())]
-    rows = sft.plan_rows(ds, 2, seed=0, capacity=65)
+    ds = [chat.Dataset(src, tok, 65, records.Skips("skip"), collections.Counter())]
+    rows = chat.plan_rows(ds, 2, seed=0, capacity=65)
     cfg = sft.SFTConfig(batch_size=4, seq_len=64)
-    loaders = [sft.ChatLoader(cfg, tok, ds, rows, i, 2) for i in range(2)]  # two processes: one global batch
+    loaders = [chat.ChatLoader(cfg, tok, ds, rows, i, 2) for i in range(2)]  # two processes: one global batch
     steps = -(-len(rows) // 4)
     order = []
     for _ in range(steps):
@@ -149,10 +157,10 @@ def test_two_epochs_see_each_example_exactly_twice(tok, tmp_path):
     first = [r for i, r in enumerate(order) if r not in order[:i]]
     assert order[:37] == first and order[37:] != first  # epoch 1 is all examples; epoch 2 another order
     # resume: a loader restored from the merged position of both processes continues identically
-    pair = [sft.ChatLoader(cfg, tok, ds, rows, i, 2) for i in range(2)]
+    pair = [chat.ChatLoader(cfg, tok, ds, rows, i, 2) for i in range(2)]
     for loader in pair:
         next(loader), next(loader)
-    resumed = sft.ChatLoader(cfg, tok, ds, rows, 1, 2)
+    resumed = chat.ChatLoader(cfg, tok, ds, rows, 1, 2)
     resumed.restore(json.loads(json.dumps(data.merge_states([l.state() for l in pair]))))
     expected, got = next(pair[1]), next(resumed)
     assert all((expected[k] == got[k]).all() for k in expected)
@@ -161,15 +169,15 @@ def test_two_epochs_see_each_example_exactly_twice(tok, tmp_path):
 def test_weights_repeat_examples_per_epoch(tok, tmp_path):
     srcs = [dataclasses.replace(unique_examples(tmp_path, 10, "a"), weight=2.0),
             dataclasses.replace(unique_examples(tmp_path, 10, "b"), weight=0.5)]
-    ds = [sft.Dataset(s, tok, 65, "skip", collections.Counter()) for s in srcs]
-    picks = collections.Counter(p for row in sft.plan_rows(ds, 2, seed=0, capacity=65) for p in row)
+    ds = [chat.Dataset(s, tok, 65, records.Skips("skip"), collections.Counter()) for s in srcs]
+    picks = collections.Counter(p for row in chat.plan_rows(ds, 2, seed=0, capacity=65) for p in row)
     assert all(picks[0, i] == 4 for i in range(10))  # twice per epoch
     assert sum(picks[1, i] for i in range(10)) == 10 and max(picks[1, i] for i in range(10)) <= 2  # half per epoch
 
 
 def packed_batch(tok, tmp_path, document_mask=True):
-    examples = [sft.encode_conversation(r, tok) for r, _ in FORMATS.values()]
-    return sft.make_rows([examples[:3], examples[3:]], 255, tok.added["<pad>"], document_mask), examples
+    examples = [chat.encode_conversation(r, tok) for r, _ in FORMATS.values()]
+    return chat.make_rows([examples[:3], examples[3:]], 255, tok.added["<pad>"], document_mask), examples
 
 
 def test_packed_rows_never_leak_loss_across_conversations(tok, tmp_path):
@@ -184,10 +192,10 @@ def test_packed_rows_never_leak_loss_across_conversations(tok, tmp_path):
         assert (w[r, at:] == 0).all() and (seg[r, at:] == 0).all()  # padding
     assert (w[seg[:, 1:] != seg[:, :-1]] == 0).all()
     # with document masking a packed row computes exactly what each conversation computes alone
-    cfg = model.Config(vocab_size=sft.padded_vocab(tok), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+    cfg = model.Config(vocab_size=chat.padded_vocab(tok), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                        max_seq_len=256, dtype="float32")
     params = model.init_params(cfg, jax.random.key(0))
-    alone = sft.make_rows([[e] for e in examples[:3]], 255, tok.added["<pad>"], True)  # one per row
+    alone = chat.make_rows([[e] for e in examples[:3]], 255, tok.added["<pad>"], True)  # one per row
     tokens = np.concatenate([batch["tokens"], alone["tokens"]])[:, :-1]
     logits = jax.jit(model.forward, static_argnums=2)(params, tokens, cfg, np.concatenate([seg, alone["segment_ids"]])[:, :-1])
     at = 0
@@ -198,7 +206,7 @@ def test_packed_rows_never_leak_loss_across_conversations(tok, tmp_path):
 
 def test_masked_tokens_get_zero_gradient(tok, tmp_path):
     batch, _ = packed_batch(tok, tmp_path, document_mask=False)
-    V = sft.padded_vocab(tok)
+    V = chat.padded_vocab(tok)
     logits = jax.random.normal(jax.random.key(0), (*batch["weights"].shape, V))
     loss = lambda l: model.cross_entropy(l, jnp.asarray(batch["tokens"][:, 1:]), jnp.asarray(batch["weights"]))[0]
     grad_norm = jnp.abs(jax.jit(jax.grad(loss))(logits)).sum(-1)
@@ -215,7 +223,7 @@ def test_resize_vocab_keeps_old_rows_and_starts_new_ones_at_the_mean():
 
 
 def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkeypatch):
-    """sft.run through train.train: base checkpoint -> grown vocab -> 2 epochs -> sample.load chats."""
+    """sft.run through trainer.train: base checkpoint -> grown vocab -> 2 epochs -> sample.load chats."""
     base_cfg = model.Config(vocab_size=tok.sp.get_piece_size(), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                             ffn_dim=64, max_seq_len=64, dtype="float32")
     monkeypatch.setitem(model.PRESETS, "mini", base_cfg)
@@ -230,8 +238,8 @@ def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkey
     steps = checkpoint.committed(tcfg.out_dir)[-1]
     assert int(state["step"]) == steps and steps == -(-len(sft.prepare(tcfg)[4]) // 8)
     grown = state["params"]
-    assert grown["embed"].shape[0] == sft.padded_vocab(tok) == grown["output"].shape[1]
+    assert grown["embed"].shape[0] == chat.padded_vocab(tok) == grown["output"].shape[1]
     p, cfg, chat_tok = sample.load(tcfg.out_dir)
-    assert cfg.vocab_size == sft.padded_vocab(tok) and chat_tok.added == tok.added
-    out = sample.generate(p, cfg, sft.encode_prompt([("user", "q 1")], chat_tok), 5, vocab_size=chat_tok.vocab_size)
+    assert cfg.vocab_size == chat.padded_vocab(tok) and chat_tok.added == tok.added
+    out = generate.generate(p, cfg, chat.encode_prompt([("user", "q 1")], chat_tok), 5, vocab_size=chat_tok.vocab_size)
     assert len(out) == 5 and max(out) < chat_tok.vocab_size

@@ -1,0 +1,178 @@
+"""Records from files: the one reader of pretraining documents (data.py) and chat conversations
+(chat.py), with one held-out rule and one bad-record policy for both.
+
+Formats, by extension: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (needs zstandard), `.json` (an array of
+records, read whole), `.parquet` (needs pyarrow; only the column a source reads, or whole rows for
+chat data), `.txt` (one document per file, pretraining only). Files are streamed record by record;
+a record is numbered by its line, array element or row, from 0.
+
+Held out: a record is held out for evaluation when a hash of (file name, record number) falls
+below its source's eval_fraction. It is decided before parsing (cheap), is stable when a corpus
+moves to another folder, and the same record is never trained on.
+
+Bad records (malformed JSON, a missing or non-string field, an empty document, invalid UTF-8, a
+truncated or corrupt file, a chat record of no known layout) are skipped, counted by reason and
+the first few logged as `file:record: reason`, or raised under bad_records="raise". Empty globs,
+unreadable files and unknown formats fail when the sources are opened.
+"""
+import collections
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib
+import io
+import json
+import logging
+import os
+import threading
+
+log = logging.getLogger("data")
+MAX_LOGGED_SKIPS = 10
+PRETRAINING_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet", ".txt")
+CHAT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A named set of files. Pretraining: `weight` is its share of training tokens relative to the
+    other sources and `field` names the text in each record (The Stack and RefinedWeb use
+    "content", RedPajama "text"). Chat data: `weight` is how many times each example is seen per
+    epoch and `field` is unused (the layout is detected per record)."""
+    name: str
+    paths: tuple[str, ...]  # globs
+    weight: float
+    field: str = "text"
+    eval_fraction: float = 0.01  # records held out for evaluation
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            raise TypeError(f"source {self.name!r}: paths must be a tuple of globs, not a string")
+        if not self.weight > 0:  # also refuses NaN
+            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"source {self.name!r}: eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; the message is the reason (with its place once raised)."""
+
+
+class Skips:
+    """Counts bad records by reason and logs the first few, or raises under the "raise" policy.
+    Thread-safe: a loader's prefetch thread and its evaluation both read."""
+
+    def __init__(self, policy: str):
+        if policy not in ("skip", "raise"):
+            raise ValueError(f"bad_records must be 'skip' or 'raise', not {policy!r}")
+        self.policy, self.counts, self.lock = policy, collections.Counter(), threading.Lock()
+
+    def __call__(self, where: str, reason: str):
+        if self.policy == "raise":
+            raise BadRecord(f"{where}: {reason}")
+        with self.lock:
+            self.counts[reason] += 1
+            if sum(self.counts.values()) <= MAX_LOGGED_SKIPS:
+                log.warning("%s: %s (skipped)", where, reason)
+
+
+def optional(module: str, purpose: str):
+    """Import an optional dependency, or fail saying what to install and why."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"install {module.split('.')[0]} to {purpose}") from None
+
+
+def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
+    """The sorted files of a source, each checked to be readable and of a known format."""
+    found = set()
+    for pattern in src.paths:
+        matched = glob.glob(pattern, recursive=True)
+        if not matched:
+            raise FileNotFoundError(f"source {src.name!r}: {pattern!r} matches no files")
+        found.update(matched)
+    for path in found:
+        if not path.endswith(formats):
+            raise ValueError(f"{path}: unknown format (expected one of {', '.join(formats)})")
+        if path.endswith((".zst", ".parquet")):
+            optional("zstandard" if path.endswith(".zst") else "pyarrow.parquet", f"read {path}")
+        try:
+            open(path, "rb").close()
+        except OSError as e:
+            raise OSError(f"source {src.name!r}: cannot read {path}: {e}") from None
+    return sorted(found)
+
+
+def read(path: str, field: str | None = None):
+    """(record number, raw record) of a file, streamed: a JSON line or a .txt file as bytes, a
+    .json array element or a parquet row as a Python value (a row as {column: value}; with `field`
+    only that column is read). A read error ends the file with a BadRecord in place of a record."""
+    index = -1
+    try:
+        if path.endswith(".txt"):
+            with open(path, "rb") as f:
+                yield 0, f.read()
+        elif path.endswith(".json"):
+            with open(path, "rb") as f:
+                array = json.load(f)
+            if not isinstance(array, list):
+                raise ValueError("a .json file must hold an array of records")
+            yield from enumerate(array)
+        elif path.endswith(".parquet"):
+            parquet = optional("pyarrow.parquet", f"read {path}").ParquetFile(path)
+            for batch in parquet.iter_batches(columns=[field] if field else None):
+                for index, row in enumerate(batch.to_pylist(), index + 1):
+                    yield index, row
+        else:
+            with open(path, "rb") as raw:
+                if path.endswith(".gz"):
+                    f = gzip.open(raw)
+                elif path.endswith(".zst"):
+                    f = io.BufferedReader(optional("zstandard", f"read {path}").ZstdDecompressor().stream_reader(raw))
+                else:
+                    f = raw
+                for index, line in enumerate(f):
+                    yield index, line
+    except Exception as e:  # truncated gzip (EOFError), corrupt zstd/parquet/JSON, I/O errors
+        yield index + 1, BadRecord(f"unreadable from here on ({type(e).__name__}: {e})")
+
+
+def parse(raw):
+    """The value of a raw record: a JSON line decoded and parsed; a Python value as it is."""
+    if isinstance(raw, BadRecord):
+        raise raw
+    if isinstance(raw, bytes):
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRecord("invalid UTF-8") from None
+        except ValueError:
+            raise BadRecord("malformed JSON") from None
+    return raw
+
+
+def document(raw, field: str, path: str) -> str:
+    """The text of a pretraining record (the whole file for .txt, else record[field])."""
+    if path.endswith(".txt") and isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRecord("invalid UTF-8") from None
+    else:
+        record = parse(raw)
+        if not isinstance(record, dict) or field not in record:
+            raise BadRecord(f"no field {field!r}")
+        text = record[field]
+    if not isinstance(text, str):
+        raise BadRecord(f"field {field!r} is not a string")
+    if not text.strip():
+        raise BadRecord("empty document")
+    return text
+
+
+def held_out(path: str, index: int, fraction: float) -> bool:
+    """Whether record `index` of file `path` is held out: a hash of the file's name (not its
+    folder) and the record number, below `fraction`."""
+    digest = hashlib.blake2b(f"{os.path.basename(path)}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64

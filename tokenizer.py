@@ -1,0 +1,70 @@
+"""The tokenizer: a sentencepiece model plus added special tokens (Lemur-Chat's ChatML tokens) with
+ids right after its vocabulary, and the two files that carry it: `tokenizer.model` and the added
+tokens. A Hugging Face directory lists them in `added_tokens.json` ({token: id}); a checkpoint of
+ours copies the model file in and records the added tokens in its meta.json (checkpoint.py).
+"""
+import itertools
+import json
+import os
+import re
+import shutil
+
+import sentencepiece as spm
+
+class Tokenizer:
+    """A sentencepiece model plus added special tokens with ids after the base vocabulary."""
+
+    def __init__(self, model_path: str, added_tokens: tuple[str, ...] = ()):
+        if not os.path.isfile(model_path):
+            raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
+        self.model_path = model_path
+        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        base = self.sp.get_piece_size()
+        self.added = {tok: base + i for i, tok in enumerate(added_tokens)}
+        self.added_text = {i: tok for tok, i in self.added.items()}
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.vocab_size = base + len(self.added)
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{model_path}: packing needs bos and eos tokens")
+        # longest first, so that a token containing another one wins
+        alternatives = "|".join(map(re.escape, sorted(self.added, key=len, reverse=True)))
+        self._split = re.compile(f"({alternatives})") if self.added else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids (no bos/eos); added tokens are cut out first, the rest goes to sentencepiece."""
+        if not self._split:
+            return self.sp.encode(texts, num_threads=num_threads)
+        pieces = [self._split.split(t) for t in texts]  # text, token, text, token, ..., text
+        plain = iter(self.sp.encode([p for ps in pieces for p in ps[::2]], num_threads=num_threads))
+        return [[i for j, p in enumerate(ps) for i in ([self.added[p]] if j % 2 else next(plain))]
+                for ps in pieces]
+
+    def decode(self, ids) -> str:
+        runs = itertools.groupby(map(int, ids), key=lambda i: i in self.added_text)
+        return "".join("".join(map(self.added_text.get, run)) if added else self.sp.decode(list(run))
+                       for added, run in runs)
+
+
+    def save(self, path: str):
+        """Write tokenizer.model (a copy of the file) and, if there are added tokens,
+        added_tokens.json into directory `path`, as Hugging Face directories hold them."""
+        shutil.copyfile(self.model_path, os.path.join(path, "tokenizer.model"))
+        if self.added:
+            with open(os.path.join(path, "added_tokens.json"), "w") as f:
+                json.dump(self.added, f, indent=2)
+
+    @classmethod
+    def from_dir(cls, path: str) -> "Tokenizer":
+        """The tokenizer of a Hugging Face directory: tokenizer.model and, if present,
+        added_tokens.json, whose ids must follow the sentencepiece vocabulary without gaps."""
+        added = {}
+        if os.path.isfile(os.path.join(path, "added_tokens.json")):
+            with open(os.path.join(path, "added_tokens.json")) as f:
+                added = json.load(f)
+        tokenizer = cls(os.path.join(path, "tokenizer.model"), added_tokens=tuple(sorted(added, key=added.get)))
+        if any(tokenizer.added[t] != i for t, i in added.items()):
+            raise ValueError(f"{path}/added_tokens.json: ids must follow the sentencepiece vocabulary without gaps")
+        return tokenizer

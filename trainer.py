@@ -1,0 +1,295 @@
+"""The Lemur optimizer and schedule, the accumulated train step, and the loop that train.py, sft.py
+and aot.py share.
+
+The step: the global batch (batch_size rows of seq_len+1 tokens) arrives as `microbatches`
+sequential chunks; one jitted, donated step scans over them summing loss and gradients (so k
+microbatches give exactly the update of one big batch), clips the global gradient norm, and
+applies Adam (b1 0.9, b2 0.95) with linear warmup to the peak lr and cosine decay to end_lr. A
+non-finite loss or gradient skips the update. All collectives live in sharding.py.
+
+The loop: resumes from the newest complete checkpoint in out_dir, logs one step late so the host
+never waits on the device, evaluates each data source on held-out rows, checkpoints atomically
+(checkpoint.py, with the run's tokenizer), and on SIGTERM/SIGINT (preemption) finishes the step,
+saves and exits 0.
+"""
+import dataclasses
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import checkpoint
+import config
+import data
+import generate
+import hf
+import model
+import sharding
+
+# peak dense bf16 FLOP/s per device, by jax's device_kind; unknown (e.g. a CPU) -> no MFU
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12}
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def lr_schedule(cfg: config.TrainConfig):
+    """Linear warmup from 0 to lr over warmup_steps, then cosine from lr to end_lr at `steps`."""
+    def lr(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = cfg.lr * step / max(cfg.warmup_steps, 1)
+        progress = jnp.clip((step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1), 0.0, 1.0)
+        cosine = cfg.end_lr + 0.5 * (cfg.lr - cfg.end_lr) * (1 + jnp.cos(jnp.pi * progress))
+        return jnp.where(step < cfg.warmup_steps, warm, cosine)
+    return lr
+
+
+def decay_mask(params):
+    """Weight decay applies to matrices only, chosen by path (stacked norm scales are 2-D too)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+
+
+def make_optimizer(cfg: config.TrainConfig) -> optax.GradientTransformation:
+    """Clip, Adam, optional decoupled weight decay (AdamW-style, scaled by the lr), lr schedule."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip), optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=1e-8)]
+    if cfg.weight_decay > 0:
+        parts.append(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask))
+    parts.append(optax.scale_by_learning_rate(lr_schedule(cfg)))
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- state and step
+
+def state_structs(tx, mcfg: model.Config, mesh) -> dict:
+    """ShapeDtypeStruct, with its sharding, of every leaf of the train state {params, opt_state,
+    step}: Adam's moments are sharded like their params, its counters replicated. The target of a
+    restore and the arguments of an ahead-of-time compile; nothing is allocated."""
+    params = sharding.param_structs(mcfg, mesh)
+    replicated = NamedSharding(mesh, P())
+    struct = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
+    opt_state = optax.tree_map_params(tx, lambda s, p: struct(s, p.sharding), jax.eval_shape(tx.init, params),
+                                      params, transform_non_params=lambda s: struct(s, replicated))
+    return {"params": params, "opt_state": opt_state, "step": struct(jax.ShapeDtypeStruct((), jnp.int32), replicated)}
+
+
+def shardings_of(structs):
+    return jax.tree.map(lambda s: s.sharding, structs)
+
+
+def init_state(tx, mcfg: model.Config, mesh, key, params=None) -> dict:
+    """A fresh train state, created already sharded (nothing whole on one device)."""
+    shardings = shardings_of(state_structs(tx, mcfg, mesh))
+    if params is None:
+        params = sharding.init_params_sharded(mcfg, mesh, key)
+    opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+    return {"params": params, "opt_state": opt_state, "step": jax.device_put(jnp.int32(0), shardings["step"])}
+
+
+def load_params(init_from: str, mcfg: model.Config, mesh):
+    """Sharded params from "hf:DIR" (a Hugging Face Llama) or "ckpt:DIR" (a checkpoint or a run's
+    out_dir); each process reads only the slices its devices hold."""
+    kind, _, path = init_from.partition(":")
+    if kind == "hf":
+        saved_cfg = hf.read_config(path)
+    else:
+        path = checkpoint.latest(path)
+        saved_cfg = checkpoint.Reader(path).model_config()
+    if dataclasses.replace(saved_cfg, dtype=mcfg.dtype, remat=mcfg.remat) != mcfg:
+        raise ValueError(f"{init_from}: the saved model {saved_cfg} is not the configured {mcfg}")
+    if kind == "hf":
+        return hf.load_hf(path, sharding.param_shardings(mcfg, mesh))[1]
+    return checkpoint.restore(path, {"params": sharding.param_structs(mcfg, mesh)})[0]["params"]
+
+
+def make_train_step(cfg: config.TrainConfig, tx, mcfg: model.Config, mesh):
+    """jitted step(state, batch) -> (state, metrics); batch["tokens"] is (microbatches, rows, T+1)."""
+    shardings = shardings_of(state_structs(tx, mcfg, mesh))
+
+    def step(state, batch):
+        params = state["params"]
+
+        def accumulate(carry, microbatch):
+            loss_sum, weight_sum, grads = carry
+            (l, w), g = sharding.loss_sum_and_grad(params, microbatch, mcfg, mesh)
+            return (loss_sum + l, weight_sum + w, jax.tree.map(jnp.add, grads, g)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, weight_sum, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), batch)
+        loss = loss_sum / jnp.maximum(weight_sum, 1.0)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(weight_sum, 1.0), grads)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # skip the update, keep the old state
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+                     "step": state["step"] + 1}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(cfg)(state["step"]), "skipped": ~ok}
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, microbatched=True)),
+                   out_shardings=(shardings, None), donate_argnums=0)
+
+
+def make_eval_step(mcfg: model.Config, mesh):
+    """jitted (params, batch) -> (loss_sum, weight_sum), scanning microbatches like the step."""
+    def evaluate(params, batch):
+        def accumulate(carry, microbatch):
+            l, w = sharding.loss_sum(params, microbatch, mcfg, mesh)
+            return (carry[0] + l, carry[1] + w), None
+        return jax.lax.scan(accumulate, (0.0, 0.0), batch)[0]
+    return jax.jit(evaluate, in_shardings=(sharding.param_shardings(mcfg, mesh),
+                                           sharding.batch_sharding(mesh, microbatched=True)))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Stop:
+    """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0 (TPU VMs are preempted)."""
+    requested = False
+
+    @classmethod
+    def install(cls):
+        def handler(signum, frame):
+            cls.requested = True
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def log_metrics(out_dir, record):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_metrics(out_dir, step):
+    """Drop records past the checkpoint we resume from: those steps are about to be redone."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.make_loader, init_params=None):
+    """The loop. sft.py reuses it with its own model config (a grown vocabulary), loader (rows
+    with loss weights) and initial params (a pretraining checkpoint): one loop in the project.
+    make_loader(cfg, process_index, process_count) -> an object like data.Loader;
+    init_params(mcfg, mesh) -> sharded params, used when out_dir has no checkpoint yet."""
+    from tqdm import tqdm
+
+    mcfg = mcfg or config.model_config(cfg)
+    config.validate(cfg, mcfg, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(*cfg.mesh)
+    tx = make_optimizer(cfg)
+    main_process = jax.process_index() == 0
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    if main_process:
+        print(config.to_json(cfg))
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            f.write(config.to_json(cfg))
+
+    loader = make_loader(cfg, jax.process_index(), jax.process_count())
+    if loader.tokenizer.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"tokenizer has {loader.tokenizer.vocab_size} tokens, model {cfg.model} only {mcfg.vocab_size}")
+    steps_done = checkpoint.committed(cfg.out_dir)
+    if steps_done:
+        path = checkpoint.step_dir(cfg.out_dir, steps_done[-1])
+        state, saved = checkpoint.restore(path, state_structs(tx, mcfg, mesh))
+        loader.restore(data.merge_states(saved.data_states()))
+        if main_process:
+            truncate_metrics(cfg.out_dir, saved.meta["step"])
+            print(f"resumed from {path}")
+    else:
+        params = None
+        if init_params:
+            params = init_params(mcfg, mesh)
+        elif cfg.init_from:
+            params = load_params(cfg.init_from, mcfg, mesh)
+        state = init_state(tx, mcfg, mesh, jax.random.key(cfg.seed), params)
+
+    train_step, eval_step = make_train_step(cfg, tx, mcfg, mesh), make_eval_step(mcfg, mesh)
+    start = int(state["step"])
+    peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+    flops = model.flops_per_token(mcfg, cfg.seq_len)
+    to_device = lambda batch: sharding.global_batch(batch, mesh, cfg.microbatches)
+    Stop.install()
+
+    def save(step):
+        meta = {"config": json.loads(config.to_json(cfg)), "model": dataclasses.asdict(mcfg), "seed": cfg.seed}
+        checkpoint.save(cfg.out_dir, step, state, loader.state(), meta, cfg.keep_checkpoints, loader.tokenizer)
+
+    def evaluate(step):
+        record = {"step": step}
+        for source, batches in loader.eval_batches(cfg.eval_batches).items():
+            total, count = 0.0, 0.0
+            for batch in batches:
+                l, w = eval_step(state["params"], to_device(batch))
+                total, count = total + float(l), count + float(w)
+            record[f"eval/{source}"] = total / max(count, 1.0)
+        return record
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main_process)
+    nonfinite, last_log, interval_losses = 0, (start, time.time()), []
+
+    def report(step, metrics):
+        """Log step `step`'s metrics (read one step late, so the device is already busy). The
+        logged loss is the mean over the steps since the previous record: one batch is noisy."""
+        nonlocal nonfinite, last_log
+        metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
+        nonfinite = nonfinite + 1 if metrics["skipped"] else 0
+        if not metrics["skipped"]:
+            interval_losses.append(metrics["loss"])
+        if nonfinite >= cfg.max_nonfinite_steps:
+            raise SystemExit(f"stopping: {nonfinite} consecutive non-finite losses (updates skipped) up to "
+                             f"step {step}; the last checkpoint in {cfg.out_dir} is intact")
+        if step % cfg.log_every and not metrics["skipped"] and step not in (start + 1, cfg.steps):
+            return
+        now = time.time()
+        tokens_per_sec = (step - last_log[0]) * cfg.batch_size * cfg.seq_len / (now - last_log[1])
+        last_log = (step, now)
+        loss = sum(interval_losses) / len(interval_losses) if interval_losses else metrics["loss"]
+        interval_losses.clear()
+        record = {"step": step, "loss": loss, "lr": metrics["lr"], "grad_norm": metrics["grad_norm"],
+                  "tokens": step * cfg.batch_size * cfg.seq_len, "tokens_per_sec": tokens_per_sec,
+                  "mfu": flops * tokens_per_sec / (peak * jax.device_count()) if peak else None,
+                  "skipped": bool(metrics["skipped"])}
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_sec:.0f}")
+        if main_process:
+            log_metrics(cfg.out_dir, record)
+
+    pending = None
+    for step in bar:
+        state, metrics = train_step(state, to_device(next(loader)))
+        if pending is not None:
+            report(*pending)
+        pending = (step + 1, metrics)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record = evaluate(done)
+            if main_process:
+                log_metrics(cfg.out_dir, record)
+                bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {done})")
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or Stop.requested:
+            save(done)
+        if Stop.requested:
+            if main_process:
+                print(f"stop requested: saved step {done} in {cfg.out_dir}, exiting")
+            break
+    if pending is not None:
+        report(*pending)
+    loader.close()
+    if cfg.sample_prompt and int(state["step"]) == cfg.steps:
+        tok = loader.tokenizer
+        prompt = [tok.bos_id] + tok.encode(cfg.sample_prompt)
+        out = generate.generate(state["params"], mcfg, prompt, 64, stop_tokens=(tok.eos_id,), vocab_size=tok.vocab_size)
+        if main_process:
+            print(f"sample: {cfg.sample_prompt}{tok.decode(out)}")
+    return state
