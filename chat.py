@@ -185,7 +185,8 @@ def make_rows(examples: list, seq_len: int, pad_id: int, document_mask: bool) ->
 
 
 class ChatLoader:
-    """The train.py loader protocol over a fixed row plan: batch k is rows [k B, (k+1) B) of it."""
+    """trainer.train's loader protocol (that of data.Loader) over a fixed row plan: batch k is rows
+    [k B, (k+1) B) of it."""
 
     def __init__(self, cfg, tokenizer, datasets, rows, process_index=0, process_count=1):
         self.cfg, self.tokenizer, self.datasets, self.rows = cfg, tokenizer, datasets, rows

@@ -19,6 +19,7 @@ heads per kv head, H head dim, V vocab, L layers.
 """
 import math
 from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 import numpy as np

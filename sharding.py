@@ -18,9 +18,11 @@ split over data and fsdp jointly on B, over tensor on T, and whole on D):
   before attention and the MLP and their partial sums are reduce-scattered back (the same bytes
   as one psum), so the activations saved per layer shrink by the tensor size as well.
 
-The per-device program is model.py's own math (its blocks read head counts from the weights they
-get) under `jax.shard_map` with check_vma on, so autodiff knows which values are replicated and
-transposes every collective correctly. Only the optimizer update runs outside, in train.py.
+The per-device program is model.py's own math under `jax.shard_map` with check_vma on, so autodiff
+knows which values are replicated and transposes every collective correctly: each layer is
+model.layer on this device's gathered weights (its blocks read head counts from the weights), with
+the sequence-parallel collectives passed in as its gather and scatter. Only the optimizer update
+runs outside, in trainer.py.
 """
 import glob
 import math

@@ -2,6 +2,7 @@
 a short run."""
 import collections
 import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -243,3 +244,24 @@ def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkey
     assert cfg.vocab_size == chat.padded_vocab(tok) and chat_tok.added == tok.added
     out = generate.generate(p, cfg, chat.encode_prompt([("user", "q 1")], chat_tok), 5, vocab_size=chat_tok.vocab_size)
     assert len(out) == 5 and max(out) < chat_tok.vocab_size
+
+
+@pytest.mark.parametrize("ext", [".jsonl.gz", ".parquet", ".json"])
+def test_chat_records_from_any_format_with_the_shared_held_out_rule(tok, tmp_path, ext):
+    """Chat data goes through records.py like pretraining data: its formats, and its held-out rule
+    (records.held_out of the file and the 0-based record number)."""
+    rows = [{"instruction": f"q {i}", "input": "", "output": f"a {i}"} for i in range(40)]
+    path = tmp_path / f"chat{ext}"
+    if ext == ".parquet":
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif ext == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    ds = chat.Dataset(records.Source("f", (str(path),), 1.0, eval_fraction=0.3), tok, 256, records.Skips("raise"),
+                      collections.Counter())
+    held = [i for i in range(40) if records.held_out(str(path), i, 0.3)]
+    assert 0 < len(held) < 40 and len(ds.train) == 40 - len(held)
+    replies = [tok.decode(t[m == 1]).replace("<|im_end|>", "") for t, m in ds.held_out]
+    assert replies == [f"a {i}" for i in held]
