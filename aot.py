@@ -117,7 +117,8 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
               "mfu_estimate": round(mfu_estimate(tcfg, mcfg, spec), 3)}
     tx = trainer.make_optimizer(tcfg)
     start = time.time()
-    lowered = trainer.make_train_step(tcfg, tx, mcfg, mesh).lower(trainer.state_structs(tx, mcfg, mesh), batch)
+    stop = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=trainer.stop_sharding(mesh))
+    lowered = trainer.make_train_step(tcfg, tx, mcfg, mesh).lower(trainer.state_structs(tx, mcfg, mesh), batch, stop)
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit in HBM

@@ -1,17 +1,27 @@
-"""Sharded, atomic checkpoints: every process writes only its own shards; restore onto any mesh.
+"""Sharded, atomic, verified checkpoints: every process writes only its own shards; restore onto any mesh.
 
 A checkpoint is a directory `out_dir/step_00001000/`:
     shards.p00000.safetensors   this process's shards of every array (one file per process)
     data.p00000.json            this process's data-loader position
+    checksums.p00000.json       CRC-32 of each 64 MiB chunk of this process's shards, and of its data file
     tokenizer.model             the run's sentencepiece model, copied in (process 0)
-    meta.json                   step, run config, model config, seed, the tokenizer's added tokens
-    COMMIT                      written last
+    meta.json                   step, run config, model config, seed, the tokenizer's added tokens (process 0)
+    COMMIT                      written last, by process 0: CRC-32 of meta.json and tokenizer.model
 
 Atomicity: everything is written under `step_XXXXXXXX.tmp/`, each file fsynced; after a barrier,
 process 0 writes COMMIT, renames the directory to its final name and fsyncs the parent. A
-directory without `.tmp` and with COMMIT is complete; anything else is ignored (and cleared by
-the next save), so a crash at any instant leaves either the old set of checkpoints or the new one.
-The directory must be on storage every process sees (NFS, a GCS fuse mount) for multi-host runs.
+directory without `.tmp` and with COMMIT is complete; anything else is ignored and cleared by the
+next save (`.tmp` folders and step folders without COMMIT), so a crash at any instant leaves
+either the old set of checkpoints or the new one. Rotation keeps the newest `keep` and never
+deletes the checkpoint just written. The directory must be on storage every process sees (NFS, a
+GCS fuse mount) for multi-host runs.
+
+Integrity: `Reader` verifies what it reads. A slice of a saved tensor verifies the chunks its bytes
+lie in, each once, so a restore onto another mesh checks only its own share and no host re-reads
+other hosts' files whole; JSON files and the tokenizer are verified whole; a checksum file carries
+its own CRC. A mismatch, a file cut short, a garbled header or JSON raise CheckpointError naming
+the file (trainer.py then falls back to an older checkpoint). Checkpoints written before checksums
+(their COMMIT lists none) restore with a warning, unverified.
 
 A checkpoint is complete in itself: moved to another disk or bucket, it still restores, exports
 and samples (its tokenizer goes with it). Checkpoints written before they carried their tokenizer
@@ -25,9 +35,11 @@ of whichever saved shards overlap it (memory-mapped, so a process reads only wha
 That is why a checkpoint restores onto a different mesh or process count.
 """
 import json
+import logging
 import os
 import re
 import shutil
+import zlib
 
 import jax
 import numpy as np
@@ -36,7 +48,13 @@ import model
 import tensorfile
 from tokenizer import Tokenizer
 
+log = logging.getLogger("checkpoint")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHUNK_BYTES = 64 << 20  # the grain of shard checksums: a restore verifies whole chunks
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not match its checksum; names the file."""
 
 
 def _barrier(name: str):
@@ -53,18 +71,24 @@ def _fsync_dir(path: str):
         os.close(fd)
 
 
-def _fsync_file(path: str):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json(path: str, obj):
+def _write_bytes(path: str, data: bytes) -> int:
+    """Write, fsync, rename into place; returns the CRC-32 of what was written."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+    with open(tmp, "wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return zlib.crc32(data)
+
+
+def _write_json(path: str, obj) -> int:
+    return _write_bytes(path, json.dumps(obj, indent=1).encode())
+
+
+def _self_checked(obj: dict) -> dict:
+    """obj plus "self": the CRC-32 of its own canonical JSON, so it can be verified alone."""
+    return {**obj, "self": zlib.crc32(json.dumps(obj, sort_keys=True).encode())}
 
 
 def _flat(tree):
@@ -98,16 +122,27 @@ def latest(path: str) -> str:
     return step_dir(path, steps[-1])
 
 
-def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int, tokenizer: Tokenizer = None):
+def set_aside(path: str) -> str:
+    """Rename a checkpoint that does not verify to `path.corrupt` (kept for inspection, never read)."""
+    target, n = path + ".corrupt", 1
+    while os.path.exists(target):
+        target, n = f"{path}.corrupt{n}", n + 1
+    os.replace(path, target)
+    return target
+
+
+def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int, tokenizer: Tokenizer = None,
+         chunk_bytes: int = CHUNK_BYTES):
     """Write `state` (a pytree of jax arrays) as checkpoint `step`, with the run's tokenizer (its
-    file copied in, its added tokens in meta.json); keep the newest `keep`."""
+    file copied in, its added tokens in meta.json); keep the newest `keep` (at least this one)."""
     final = step_dir(out_dir, step)
     tmp = final + ".tmp"
     proc = jax.process_index()
     if proc == 0:
         os.makedirs(out_dir, exist_ok=True)
         for name in os.listdir(out_dir):  # leftovers of an interrupted save
-            if name.endswith(".tmp"):
+            uncommitted = _STEP_DIR.match(name) and not os.path.exists(os.path.join(out_dir, name, "COMMIT"))
+            if name.endswith(".tmp") or uncommitted:
                 shutil.rmtree(os.path.join(out_dir, name))
         os.makedirs(tmp)
     _barrier(f"ckpt-{step}-mkdir")
@@ -118,44 +153,102 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
             if shard.replica_id == 0:  # each slice written once, by the process holding replica 0
                 name = f"{path}@{_index_str(shard.index, array.shape)}"
                 tensors.append((name, shard.data.shape, shard.data.dtype, lambda d=shard.data: np.asarray(d)))
-    tensorfile.write_safetensors(os.path.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors)
-    _write_json(os.path.join(tmp, f"data.p{proc:05d}.json"), data_state)
+    sums = tensorfile.write_safetensors(os.path.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors, chunk_bytes)
+    data_file = f"data.p{proc:05d}.json"
+    data_crc = _write_json(os.path.join(tmp, data_file), data_state)
+    _write_json(os.path.join(tmp, f"checksums.p{proc:05d}.json"),
+                _self_checked({"chunk_bytes": chunk_bytes, "shards": sums, "files": {data_file: data_crc}}))
     _barrier(f"ckpt-{step}-written")
 
     if proc == 0:
-        meta = {"step": step, "process_count": jax.process_count(), **meta}
+        meta, checksums = {"step": step, "process_count": jax.process_count(), **meta}, {}
         if tokenizer is not None:
-            shutil.copyfile(tokenizer.model_path, os.path.join(tmp, "tokenizer.model"))
-            _fsync_file(os.path.join(tmp, "tokenizer.model"))
-            meta["tokenizer"] = {"file": "tokenizer.model", "added_tokens": sorted(tokenizer.added, key=tokenizer.added.get)}
-        _write_json(os.path.join(tmp, "meta.json"), meta)
-        _write_json(os.path.join(tmp, "COMMIT"), {"step": step})
+            with open(tokenizer.model_path, "rb") as f:
+                checksums["tokenizer.model"] = _write_bytes(os.path.join(tmp, "tokenizer.model"), f.read())
+            added = sorted(tokenizer.added, key=tokenizer.added.get)
+            meta["tokenizer"] = {"file": "tokenizer.model", "added_tokens": added}
+        checksums["meta.json"] = _write_json(os.path.join(tmp, "meta.json"), meta)
+        _write_json(os.path.join(tmp, "COMMIT"), {"step": step, "checksums": checksums})
         _fsync_dir(tmp)
         if os.path.exists(final):  # a checkpoint of the same step from before a crash
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(out_dir)
-        for old in committed(out_dir)[:-keep] if keep > 0 else []:
+        older = [s for s in committed(out_dir) if s < step]
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(step_dir(out_dir, old))
     _barrier(f"ckpt-{step}-done")
 
 
 class Reader:
     """Any global slice of any saved array, assembled from the shards that overlap it (each read
-    through a memory map, so only the bytes of the slice are touched)."""
+    through a memory map, so only the bytes of the slice are touched) and verified chunk by chunk."""
 
     def __init__(self, path: str):
         if not os.path.exists(os.path.join(path, "COMMIT")):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
-        self.path = path
-        self.saved = tensorfile.SafetensorsDir(path)
+        self.path, self.checksums = path, None  # COMMIT holds the checksums: it is read unchecked
+        self.checksums = self._json("COMMIT").get("checksums")  # None: written before checksums
+        if self.checksums is None:
+            log.warning("%s: written before checkpoints carried checksums; read unverified", path)
+        self.meta = self._json("meta.json")
+        self.chunk_bytes, self.chunk_sums, self.verified = None, {}, set()
+        if self.checksums is not None:
+            for proc in range(self.meta["process_count"]):
+                name = f"checksums.p{proc:05d}.json"
+                sums = self._json(name)
+                if _self_checked({k: v for k, v in sums.items() if k != "self"}) != sums:
+                    raise CheckpointError(f"{os.path.join(path, name)}: its own checksum does not match (corrupt)")
+                self.chunk_bytes = sums["chunk_bytes"]
+                self.chunk_sums.update(sums["shards"])
+                self.checksums.update(sums["files"])
+        try:
+            self.saved = tensorfile.SafetensorsDir(path)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(str(e)) from None
         self.pieces = {}  # array path -> [(bounds per dim, entry name)]
         for name in self.saved.entries:
+            if self.checksums is not None and name not in self.chunk_sums:
+                raise CheckpointError(f"{path}: shard {name} has no checksum (a shard file from another checkpoint?)")
             key, _, index = name.rpartition("@")
             bounds = [tuple(map(int, r.split(":"))) for r in index.split(",")] if index else []
             self.pieces.setdefault(key, []).append((bounds, name))
-        with open(os.path.join(path, "meta.json")) as f:
-            self.meta = json.load(f)
+
+    def _bytes(self, name: str) -> bytes:
+        """A small file of the checkpoint, whole, checked against its checksum when there is one."""
+        file = os.path.join(self.path, name)
+        try:
+            with open(file, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise CheckpointError(f"{file}: unreadable ({e})") from None
+        if self.checksums is not None and name in self.checksums and zlib.crc32(data) != self.checksums[name]:
+            raise CheckpointError(f"{file}: checksum mismatch (the file is corrupt)")
+        return data
+
+    def _json(self, name: str):
+        try:
+            return json.loads(self._bytes(name))
+        except ValueError as e:  # JSON or UTF-8
+            raise CheckpointError(f"{os.path.join(self.path, name)}: not valid JSON ({e})") from None
+
+    def _verify(self, name: str, local: tuple):
+        """Check the chunks of saved entry `name` that hold its sub-slice `local` (slices)."""
+        if self.checksums is None:
+            return
+        shape, itemsize = self.saved.shape(name), np.dtype(self.saved.entries[name][1]).itemsize
+        lo, hi = [s.start for s in local], [s.stop - 1 for s in local]
+        if any(h < l for l, h in zip(lo, hi)):
+            return
+        first, last = (int(np.ravel_multi_index(i, shape)) if shape else 0 for i in (lo, hi))
+        size, C = int(np.prod(shape)) * itemsize, self.chunk_bytes
+        for c in range(first * itemsize // C, ((last + 1) * itemsize - 1) // C + 1):
+            if (name, c) in self.verified:
+                continue
+            if zlib.crc32(self.saved.raw(name, c * C, min((c + 1) * C, size))) != self.chunk_sums[name][c]:
+                raise CheckpointError(f"{self.saved.entries[name][0]}: checksum mismatch in chunk {c} of {name} "
+                                      "(the file is corrupt)")
+            self.verified.add((name, c))
 
     def model_config(self) -> model.Config:
         return model.Config(**self.meta["model"])
@@ -166,6 +259,7 @@ class Reader:
         if "tokenizer" not in self.meta:
             return None
         saved = self.meta["tokenizer"]
+        self._bytes(saved["file"])  # verified
         return Tokenizer(os.path.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]))
 
     def shape(self, key):
@@ -183,29 +277,29 @@ class Reader:
             hi = [min(b, d) for (_, b), (_, d) in zip(region, bounds)]
             if any(l >= h for l, h in zip(lo, hi)):
                 continue
-            block = self.saved.get_slice(name, tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, bounds)))
+            local = tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, bounds))
+            self._verify(name, local)
+            block = self.saved.get_slice(name, local)
             if out is None:
                 out = np.empty([b - a for a, b in region], block.dtype)
             out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, region))] = block
             filled += block.size
         if out is None or filled != out.size:
-            raise ValueError(f"{self.path}: {key} slice {region} is not fully covered by the saved shards")
+            raise CheckpointError(f"{self.path}: {key} slice {region} is not fully covered by the saved shards")
         return out
 
     def data_states(self) -> list:
         """The data-loader state of each process of the run that saved this checkpoint."""
-        states = []
-        for proc in range(self.meta["process_count"]):
-            with open(os.path.join(self.path, f"data.p{proc:05d}.json")) as f:
-                states.append(json.load(f))
-        return states
+        return [self._json(f"data.p{proc:05d}.json") for proc in range(self.meta["process_count"])]
 
 
-def restore(path: str, target):
-    """Read checkpoint directory `path` into arrays shaped and sharded like `target` (a pytree of
-    jax.ShapeDtypeStruct with shardings; a subset of the saved tree is fine, e.g. only params).
-    Returns (state, reader); reader.meta and reader.data_states() hold the rest."""
-    reader = Reader(path)
+def restore(path, target):
+    """Read checkpoint directory `path` (or an open Reader of one) into arrays shaped and sharded
+    like `target` (a pytree of jax.ShapeDtypeStruct with shardings; a subset of the saved tree is
+    fine, e.g. only params). Returns (state, reader); reader.meta and reader.data_states() hold the
+    rest."""
+    reader = path if isinstance(path, Reader) else Reader(path)
+    path = reader.path
     leaves = []
     for key, spec in _flat(target):
         if key in reader.pieces and reader.shape(key) != tuple(spec.shape):

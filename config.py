@@ -63,8 +63,8 @@ class TrainConfig:
     # bad records (malformed JSON, missing field, ...): "skip" (counted, logged) or "raise"
     bad_records: str = "skip"
     log_every: int = 10
-    eval_every: int = 500
-    eval_batches: int = 4
+    eval_every: int = 500  # steps between evaluations of each source's held-out rows; 0 = never
+    eval_batches: int = 4  # held-out batches per source per evaluation
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     # at the end of the run, print a greedy continuation of this prompt ("" = none)
@@ -108,13 +108,26 @@ def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: i
         return ValueError(f"config: {key}={getattr(cfg, key)!r} {why}")
 
     chat = isinstance(cfg, SFTConfig)
-    for key in ("batch_size", "seq_len", "microbatches", "log_every", "eval_every", "checkpoint_every"):
+    for key in ("batch_size", "seq_len", "microbatches", "log_every", "checkpoint_every", "keep_checkpoints",
+                "max_nonfinite_steps"):
         if getattr(cfg, key) <= 0:
             raise bad(key, "must be positive")
     if cfg.steps < 0 or (cfg.steps == 0 and not chat):
         raise bad("steps", "must be positive" + (" (or 0: all epochs)" if chat else ""))
     if cfg.warmup_steps < 0 or (cfg.steps and cfg.warmup_steps > cfg.steps):
         raise bad("warmup_steps", f"must lie in [0, steps={cfg.steps}]")
+    if cfg.eval_every < 0:
+        raise bad("eval_every", "must be positive, or 0 to switch evaluation off")
+    if cfg.eval_every and cfg.eval_batches <= 0:
+        raise bad("eval_batches", "must be positive while eval_every > 0 (eval_every=0 switches evaluation off)")
+    for key in ("lr", "end_lr", "weight_decay"):  # a negative lr is gradient ascent
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise bad(key, "must be a finite number >= 0")
+    for key in ("b1", "b2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise bad(key, "must lie in [0, 1)")
+    if not (math.isfinite(cfg.grad_clip) and cfg.grad_clip > 0):
+        raise bad("grad_clip", "must be a finite global norm > 0")
     if chat and cfg.epochs <= 0:
         raise bad("epochs", "must be positive")
     if chat and not 0 <= cfg.warmup_ratio <= 1:
@@ -133,10 +146,32 @@ def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: i
     if device_count is not None and math.prod(cfg.mesh) != device_count:
         raise bad("mesh", f"(data, fsdp, tensor) needs {math.prod(cfg.mesh)} devices, this run has {device_count}")
     if mcfg is not None:
+        check_model(mcfg)
         if cfg.seq_len > mcfg.max_seq_len:
             raise bad("seq_len", f"exceeds the model's max_seq_len={mcfg.max_seq_len}")
         sharding.check_divisible(mcfg, dict(zip(("data", "fsdp", "tensor"), cfg.mesh)),
                                  cfg.batch_size // cfg.microbatches, cfg.seq_len)
+
+
+def check_model(mcfg: model.Config):
+    """A model.Config the math can run: positive sizes, heads that divide, an even head dim (RoPE
+    rotates pairs), a known compute dtype and remat policy."""
+    def bad(key, why):
+        return ValueError(f"model: {key}={getattr(mcfg, key)!r} {why}")
+
+    for key in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+        if getattr(mcfg, key) <= 0:
+            raise bad(key, "must be positive")
+    if mcfg.dim % mcfg.n_heads or mcfg.head_dim % 2:
+        raise bad("dim", f"must be n_heads={mcfg.n_heads} times an even head dim")
+    if mcfg.n_heads % mcfg.n_kv_heads:
+        raise bad("n_kv_heads", f"must divide n_heads={mcfg.n_heads}")
+    if not (mcfg.rope_theta > 0 and mcfg.norm_eps > 0):
+        raise bad("rope_theta" if not mcfg.rope_theta > 0 else "norm_eps", "must be positive")
+    if mcfg.dtype not in ("float32", "bfloat16", "float16"):
+        raise bad("dtype", "must be float32, bfloat16 or float16")
+    if mcfg.remat not in ("none", "full", "dots"):
+        raise bad("remat", "must be none, full or dots")
 
 
 def _parse(value: str, typ, key: str):

@@ -1,13 +1,17 @@
 """Export a training checkpoint as a Hugging Face Llama directory, streamed one layer of one tensor
 at a time (a 70B export never holds more in memory).
 
-    python convert.py OUT_DIR_OR_CHECKPOINT HF_DIR [--dtype=bfloat16|float16|float32]
+    python convert.py OUT_DIR_OR_CHECKPOINT HF_DIR [--dtype=bfloat16|float16|float32] [--force]
 
 The source is a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint),
-saved on any mesh. HF_DIR gets config.json, safetensors files of at most 5 GiB (with an index
-when there are several) and the run's tokenizer: tokenizer.model, plus added_tokens.json for chat
-runs. The conversion itself (both directions, and the Python API `load_hf` / `save_hf`) is hf.py.
+saved on any mesh. HF_DIR gets config.json, safetensors files of at most 5 GiB (with an index when
+there are several) and the run's tokenizer: tokenizer.model, plus added_tokens.json for chat runs.
+A non-empty HF_DIR is refused unless `--force`, which replaces only the files an export writes
+(weight shards, their index, config.json, tokenizer.model, added_tokens.json) and no others. The
+conversion itself (both directions, and the Python API `load_hf` / `save_hf`) is hf.py.
 """
+import argparse
+import os
 import sys
 
 import numpy as np
@@ -34,19 +38,25 @@ class _SavedParam:
 
 
 def main(argv):
-    """python convert.py CKPT_DIR HF_DIR [--dtype=bfloat16|float16|float32]
-    CKPT_DIR is a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint)."""
-    args = [a for a in argv if not a.startswith("--")]
-    options = dict(a[2:].split("=", 1) for a in argv if a.startswith("--"))
-    if len(args) != 2 or set(options) - {"dtype"}:
-        raise SystemExit(main.__doc__)
-    src, dst = args
-    reader = checkpoint.Reader(checkpoint.latest(src))
+    parser = argparse.ArgumentParser(description="Export a training checkpoint as a Hugging Face Llama directory.")
+    parser.add_argument("src", help="a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint)")
+    parser.add_argument("dst", help="the Hugging Face directory to write")
+    parser.add_argument("--dtype", default="bfloat16", choices=hf.DTYPES, help="dtype of the saved weights")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty dst, replacing the files of an earlier export (only those)")
+    args = parser.parse_args(argv)
+    present = sorted(os.listdir(args.dst)) if os.path.isdir(args.dst) else []
+    if present and not args.force:
+        parser.error(f"{args.dst} is not empty ({', '.join(present[:5])}{' ...' if len(present) > 5 else ''}); "
+                     "pass --force to replace an earlier export's files there")
+    reader = checkpoint.Reader(checkpoint.latest(args.src))
     cfg = reader.model_config()
+    for name in hf.export_files(args.dst):  # an earlier export's, and nothing else
+        os.remove(os.path.join(args.dst, name))
     params = hf.unflatten((key, _SavedParam(reader, "params/" + key)) for key, _ in hf.flatten(model.param_shapes(cfg)))
-    hf.save_hf(params, cfg, dst, options.get("dtype", "bfloat16"))
-    data.checkpoint_tokenizer(reader).save(dst)  # the run's tokenizer goes along: the directory is complete
-    print(f"wrote {dst} from {reader.path} ({model.param_count(cfg):,} params)")
+    hf.save_hf(params, cfg, args.dst, args.dtype)
+    data.checkpoint_tokenizer(reader).save(args.dst)  # the run's tokenizer goes along: the directory is complete
+    print(f"wrote {args.dst} from {reader.path} ({model.param_count(cfg):,} params)")
 
 
 if __name__ == "__main__":

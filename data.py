@@ -59,6 +59,10 @@ CHUNK_CHARS = 1 << 16
 
 
 
+class NoDocuments(ValueError):
+    """A source (or one stream's share of it) yields no documents at all."""
+
+
 def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
     """Yield ((epoch, file, record), text) of one stream's share of a source, forever, from pos."""
     shared = len(files) < num_streams  # then every stream reads every file and takes every S-th document
@@ -67,7 +71,7 @@ def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
     while True:
         whole_epoch = first == start == 0
         order = np.random.default_rng([seed, zlib.crc32(src.name.encode()), stream, epoch]).permutation(len(mine))
-        found = False
+        found, seen, assigned = False, 0, 0  # documents yielded; records of our kind; those of this stream
         for f in range(first, len(mine)):
             path, rank = mine[order[f]], -1  # rank: of the documents of our kind in this file
             for index, raw in records.read(path, src.field):
@@ -76,6 +80,7 @@ def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
                 rank += 1
                 if (shared and rank % num_streams != stream) or index < start:
                     continue
+                assigned += 1
                 try:
                     text = records.document(raw, src.field, path)
                 except records.BadRecord as e:
@@ -83,11 +88,17 @@ def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
                     continue
                 found = True
                 yield (epoch, f, index), text
-            start = 0
+            seen, start = seen + rank + 1, 0
         if not found and whole_epoch:
             kind = "held-out" if held_out else "training"
-            raise ValueError(f"source {src.name!r}: stream {stream} of {num_streams} found no {kind} documents"
-                             f" in {len(mine)} file(s); use fewer streams or more data")
+            where = f"source {src.name!r}" + (f", stream {stream} of {num_streams}," if num_streams > 1 else "")
+            if not seen:
+                raise NoDocuments(f"{where} found no {kind} records in {', '.join(mine[:3])}"
+                                  + (" ..." if len(mine) > 3 else "") + f" (eval_fraction={src.eval_fraction})")
+            if assigned:
+                raise NoDocuments(f"{where}: all {assigned} of its {kind} records were bad (see the skipped records)")
+            raise NoDocuments(f"{where}: its files hold {seen} {kind} records, fewer than the {num_streams} "
+                              "streams that share them; use fewer streams (a smaller batch) or more data")
         epoch, first = epoch + 1, 0
 
 
@@ -269,19 +280,27 @@ class Loader:
     def eval_batches(self, n_batches: int) -> dict:
         """{source: n_batches batch dicts} of held-out documents, this process's rows, the same every
         call. Held-out documents are few, so they are read as one stream (a per-stream split could
-        leave a stream with none): every process packs the same global batches and keeps its rows."""
+        leave a stream with none): every process packs the same global batches and keeps its rows.
+        A source with nothing held out (eval_fraction=0, or no held-out record found) is left out."""
         if n_batches not in self._eval:
             batch_size = self.rows_per_stream * self.num_streams
             local = slice(self.process_index * batch_size // self.process_count,
                           (self.process_index + 1) * batch_size // self.process_count)
             self._eval[n_batches] = {}
             for i, src in enumerate(self.sources):
+                if not src.eval_fraction:
+                    continue
                 packer = _Packer(_documents(src, self.files[i], 0, 1, self.seed, True, (0, 0, 0), self._skips), [0] * 4)
-                self._eval[n_batches][src.name] = []
-                for _ in range(n_batches):
-                    self._fill({packer: batch_size * (self.seq_len + 1)})
-                    rows = np.stack([packer.take(self.seq_len + 1) for _ in range(batch_size)])
-                    self._eval[n_batches][src.name].append(self._batch(rows[local]))
+                batches = []
+                try:
+                    for _ in range(n_batches):
+                        self._fill({packer: batch_size * (self.seq_len + 1)})
+                        rows = np.stack([packer.take(self.seq_len + 1) for _ in range(batch_size)])
+                        batches.append(self._batch(rows[local]))
+                except NoDocuments as e:
+                    records.log.warning("%s; it is not evaluated", e)
+                    continue
+                self._eval[n_batches][src.name] = batches
         return self._eval[n_batches]
 
     def _halt(self):

@@ -10,6 +10,7 @@ rounded up to 256 (so few cache sizes compile), at most the context. Decoding is
 stop token (included in the output), after max_new_tokens, or when the context is full. sample.py
 is the command line over this module; trainer.py's loop prints a sample with it at the end of a run.
 """
+import math
 from functools import partial
 
 import jax
@@ -59,6 +60,16 @@ def sample_logits(logits, key, temperature, top_k, top_p):
     return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), draw)
 
 
+def check_options(temperature, top_k, top_p):
+    """Refuse sampling options that cannot be right (top_p=0 would keep no token at all)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: must be >= 0 (0 = all tokens)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1] (1 = all tokens)")
+
+
 @partial(jax.jit, static_argnames=("cfg", "vocab_size"), donate_argnames="cache")
 def _next(params, tokens, cache, pos, key, opts, cfg, vocab_size):
     """Prefill (T = prompt length) or decode (T = 1, the same compiled step for every token)."""
@@ -70,6 +81,7 @@ def generate(params, cfg: model.Config, prompt_tokens, max_new_tokens: int, *, t
              top_p=1.0, seed=0, stop_tokens=(), vocab_size=None) -> list[int]:
     """The new tokens after prompt_tokens (a list of ids). vocab_size: sample only ids below it
     (a padded vocabulary's extra rows are never real tokens)."""
+    check_options(temperature, top_k, top_p)
     n = len(prompt_tokens)
     if not 0 < n < cfg.max_seq_len:
         raise ValueError(f"the prompt has {n} tokens; it must have at least 1 and leave room in the "

@@ -18,6 +18,7 @@ q/k rows are already in the rotate-half RoPE layout that model.py uses: no permu
 import json
 import math
 import os
+import re
 
 import jax
 import ml_dtypes
@@ -45,6 +46,15 @@ _LAYOUT = {
 # our dims grouped by the HF dim they come from, in our order; "T" layouts read HF dims (1, 0)
 _GROUPS = {"wq": ((0,), (1, 2)), "wk": ((0,), (1, 2)), "wv": ((0,), (1, 2)), "wo": ((0, 1), (2,))}
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}  # of saved weights
+# what an export writes: save_hf's weights, index and config, and the tokenizer beside them
+_EXPORT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json"
+                          r"|tokenizer\.model|added_tokens\.json)$")
+
+
+def export_files(path: str) -> list[str]:
+    """The files in directory `path` that an export writes (none if it does not exist)."""
+    return sorted(n for n in os.listdir(path) if _EXPORT_FILE.match(n)) if os.path.isdir(path) else []
 
 # ----------------------------------------------------------------------------- config.json
 
@@ -196,7 +206,9 @@ def load_hf(path: str, shardings=None):
 def save_hf(params, cfg: model.Config, path: str, dtype: str = "bfloat16", max_shard_bytes: int = 5 << 30):
     """Write params as a Hugging Face Llama directory (config.json, sharded safetensors, index).
     Tensors are fetched one at a time (`np.asarray(x[i])` of a sharded array gathers one layer)."""
-    np_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    np_dtype = DTYPES[dtype]
     flat = dict(flatten(params))
     tensors = []  # (name, shape, dtype, produce) in HF order
     for key, shape in flatten(model.param_shapes(cfg)):
@@ -228,6 +240,9 @@ def save_hf(params, cfg: model.Config, path: str, dtype: str = "bfloat16", max_s
         files[-1].append(t)
         size += nbytes
     os.makedirs(path, exist_ok=True)
+    for name in export_files(path):  # an earlier export's weights: its index would shadow these
+        if name.startswith("model"):
+            os.remove(os.path.join(path, name))
     names = ["model.safetensors"] if len(files) == 1 else [
         f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     weight_map = {}

@@ -24,6 +24,7 @@ import importlib
 import io
 import json
 import logging
+import math
 import os
 import threading
 
@@ -48,8 +49,8 @@ class Source:
     def __post_init__(self):
         if isinstance(self.paths, str):
             raise TypeError(f"source {self.name!r}: paths must be a tuple of globs, not a string")
-        if not self.weight > 0:  # also refuses NaN
-            raise ValueError(f"source {self.name!r}: weight must be > 0, got {self.weight}")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            raise ValueError(f"source {self.name!r}: weight must be a finite number > 0, got {self.weight}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"source {self.name!r}: eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
@@ -90,7 +91,7 @@ def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
     for pattern in src.paths:
         matched = glob.glob(pattern, recursive=True)
         if not matched:
-            raise FileNotFoundError(f"source {src.name!r}: {pattern!r} matches no files")
+            raise FileNotFoundError(f"source {src.name!r}: {pattern!r} matches no files" + _unreadable_dir(pattern))
         found.update(matched)
     for path in found:
         if not path.endswith(formats):
@@ -102,6 +103,17 @@ def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
         except OSError as e:
             raise OSError(f"source {src.name!r}: cannot read {path}: {e}") from None
     return sorted(found)
+
+
+def _unreadable_dir(pattern: str) -> str:
+    """Why a glob may match nothing although files are there: a folder on its way we cannot list."""
+    folder = os.path.dirname(pattern.split("*")[0].split("?")[0].split("[")[0]) or "."
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    as_user = os.access in os.supports_effective_ids  # the permissions of who we run as
+    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK, effective_ids=as_user):
+        return f" (the folder {folder} cannot be read: permission denied)"
+    return ""
 
 
 def read(path: str, field: str | None = None):

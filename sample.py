@@ -21,7 +21,7 @@ import checkpoint
 import data
 import hf
 import sharding
-from generate import generate
+from generate import check_options, generate
 from tokenizer import Tokenizer
 
 
@@ -50,6 +50,10 @@ def main(argv=None):
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:  # before anything is loaded
+        check_options(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        parser.error(str(e))
     params, cfg, tokenizer = load(args.path)
     chatting = args.chat or args.prompt is None
     if chatting and "<|im_end|>" not in tokenizer.added:

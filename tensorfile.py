@@ -5,12 +5,16 @@ The format is an 8-byte little-endian header length, a JSON header (name -> dtyp
 range), then the raw little-endian tensors. Reading goes through numpy memory maps of the raw file,
 so bf16 works without torch and a slice of a tensor reads only the bytes it covers: a 70B
 checkpoint loads into sharded params on hosts with far less memory, each process touching only its
-own slices. Writing streams one tensor at a time into a temporary file, fsynced, then renamed.
+own slices. Writing streams one tensor at a time into a temporary file, fsynced, then renamed,
+and can checksum each tensor in fixed-size chunks as it goes (CRC-32), so a reader can verify just
+the chunks a slice touches (checkpoint.py). A file cut short or with a garbled header is an error
+naming the file.
 """
 import json
 import math
 import os
 import struct
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -36,15 +40,23 @@ class SafetensorsDir:
         self.entries = {}  # name -> (file, dtype, shape, byte offset)
         for name in files:
             file = os.path.join(path, name)
-            with open(file, "rb") as f:
-                n = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(n))
+            try:
+                with open(file, "rb") as f:
+                    n = struct.unpack("<Q", f.read(8))[0]
+                    header = json.loads(f.read(n))
+                    size = os.fstat(f.fileno()).st_size
+            except (OSError, struct.error, ValueError) as e:  # ValueError: JSON or UTF-8
+                raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
             for tensor, info in header.items():
                 if tensor == "__metadata__":
                     continue
                 if info["dtype"] not in _DTYPES:
                     raise ValueError(f"{file}: tensor {tensor}: unsupported dtype {info['dtype']}")
-                self.entries[tensor] = (file, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
+                start, stop = info["data_offsets"]
+                if 8 + n + stop > size:
+                    raise ValueError(f"{file}: cut short: tensor {tensor} ends at byte {8 + n + stop}, "
+                                     f"the file has {size}")
+                self.entries[tensor] = (file, _DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start)
 
     def shape(self, name):
         return self.entries[name][2]
@@ -56,9 +68,23 @@ class SafetensorsDir:
             return np.zeros(shape, dtype)[index]
         return np.array(np.memmap(file, dtype, "r", offset=offset, shape=shape)[index])
 
+    def raw(self, name, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of a tensor's data, as stored (C order)."""
+        file, _, _, offset = self.entries[name]
+        with open(file, "rb") as f:
+            f.seek(offset + start)
+            return f.read(stop - start)
 
-def write_safetensors(file: str, tensors: list):
-    """tensors: [(name, shape, dtype, produce)], produce() -> array; written one at a time."""
+
+def chunk_checksums(data, chunk_bytes: int) -> list[int]:
+    """CRC-32 of each `chunk_bytes` piece of `data` (the last one may be shorter)."""
+    view = memoryview(data).cast("B")
+    return [zlib.crc32(view[i:i + chunk_bytes]) for i in range(0, len(view), chunk_bytes)]
+
+
+def write_safetensors(file: str, tensors: list, chunk_bytes: int | None = None) -> dict | None:
+    """tensors: [(name, shape, dtype, produce)], produce() -> array; written one at a time. With
+    `chunk_bytes`, returns {name: chunk_checksums of its bytes}."""
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
@@ -66,13 +92,17 @@ def write_safetensors(file: str, tensors: list):
         offset += nbytes
     header = json.dumps(header, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment
-    tmp = file + ".tmp"
+    tmp, sums = file + ".tmp", {}
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         for name, shape, dtype, produce in tensors:
-            array = np.asarray(np.asarray(produce()).astype(dtype), order="C")
+            array = np.asarray(produce()).astype(dtype, order="C", copy=False)
             assert array.shape == tuple(shape), (name, array.shape, shape)
-            f.write(array.tobytes())
+            data = array.reshape(-1).view(np.uint8)  # the raw bytes, also of dtypes numpy cannot buffer (bf16)
+            f.write(data)
+            if chunk_bytes:
+                sums[name] = chunk_checksums(data, chunk_bytes)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, file)
+    return sums if chunk_bytes else None

@@ -7,19 +7,19 @@ microbatches give exactly the update of one big batch), clips the global gradien
 applies Adam (b1 0.9, b2 0.95) with linear warmup to the peak lr and cosine decay to end_lr. A
 non-finite loss or gradient skips the update. All collectives live in sharding.py.
 
-The loop: resumes from the newest complete checkpoint in out_dir, logs one step late so the host
-never waits on the device, evaluates each data source on held-out rows, checkpoints atomically
-(checkpoint.py, with the run's tokenizer), and on SIGTERM/SIGINT (preemption) finishes the step,
-saves and exits 0.
+The loop: resumes from the newest checkpoint in out_dir that verifies, logs one step late so the
+host never waits on the device, evaluates each data source on held-out rows, checkpoints
+atomically (checkpoint.py, with the run's tokenizer and the loop's own position), and on
+SIGTERM/SIGINT (preemption) all processes agree on a step, save it and exit 0 (recovery.py).
 """
 import dataclasses
 import json
 import os
-import signal
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -29,6 +29,7 @@ import data
 import generate
 import hf
 import model
+import recovery
 import sharding
 
 # peak dense bf16 FLOP/s per device, by jax's device_kind; unknown (e.g. a CPU) -> no MFU
@@ -107,11 +108,28 @@ def load_params(init_from: str, mcfg: model.Config, mesh):
     return checkpoint.restore(path, {"params": sharding.param_structs(mcfg, mesh)})[0]["params"]
 
 
+def stop_sharding(mesh):
+    """The sharding of the stop flags a step takes: one flag per device, each process setting its own."""
+    return NamedSharding(mesh, P(("data", "fsdp", "tensor")))
+
+
+def stop_flags(mesh, requested: bool):
+    """This process's stop request as the step's input: every device of this process gets the flag."""
+    return jax.make_array_from_process_local_data(stop_sharding(mesh), np.full(len(mesh.local_devices), requested))
+
+
+def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_train_step(cfg: config.TrainConfig, tx, mcfg: model.Config, mesh):
-    """jitted step(state, batch) -> (state, metrics); batch["tokens"] is (microbatches, rows, T+1)."""
+    """jitted step(state, batch, stop) -> (state, metrics); batch["tokens"] is (microbatches, rows,
+    T+1), stop the stop_flags of every process. metrics["stop"] is whether any process asked to
+    stop: computed inside the step, so every process reads the same answer with the step's other
+    metrics, without a collective of its own."""
     shardings = shardings_of(state_structs(tx, mcfg, mesh))
 
-    def step(state, batch):
+    def step(state, batch, stop):
         params = state["params"]
 
         def accumulate(carry, microbatch):
@@ -126,15 +144,18 @@ def make_train_step(cfg: config.TrainConfig, tx, mcfg: model.Config, mesh):
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # skip the update, keep the old state
+        # skip the update, keeping the old state, unless everything it would write is finite (a
+        # finite loss and gradient can still overflow the params, e.g. at a huge learning rate)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(opt_state)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1}
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(cfg)(state["step"]), "skipped": ~ok}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(cfg)(state["step"]), "skipped": ~ok,
+                   "stop": jnp.any(stop)}
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(mesh, microbatched=True)),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    in_shardings = (shardings, sharding.batch_sharding(mesh, microbatched=True), stop_sharding(mesh))
+    return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, None), donate_argnums=0)
 
 
 def make_eval_step(mcfg: model.Config, mesh):
@@ -150,34 +171,6 @@ def make_eval_step(mcfg: model.Config, mesh):
 
 # ----------------------------------------------------------------------------- the loop
 
-class Stop:
-    """SIGTERM/SIGINT ask the loop to finish its step, save and exit 0 (TPU VMs are preempted)."""
-    requested = False
-
-    @classmethod
-    def install(cls):
-        def handler(signum, frame):
-            cls.requested = True
-        signal.signal(signal.SIGTERM, handler)
-        signal.signal(signal.SIGINT, handler)
-
-
-def log_metrics(out_dir, record):
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def truncate_metrics(out_dir, step):
-    """Drop records past the checkpoint we resume from: those steps are about to be redone."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            keep = [line for line in f if json.loads(line)["step"] <= step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-
-
 def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.make_loader, init_params=None):
     """The loop. sft.py reuses it with its own model config (a grown vocabulary), loader (rows
     with loss weights) and initial params (a pretraining checkpoint): one loop in the project.
@@ -190,29 +183,27 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     mesh = sharding.make_mesh(*cfg.mesh)
     tx = make_optimizer(cfg)
     main_process = jax.process_index() == 0
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    state, reader, data_states = recovery.restore_newest(cfg.out_dir, state_structs(tx, mcfg, mesh), mcfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)  # nothing is written before the checkpoint is known good
     if main_process:
         print(config.to_json(cfg))
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             f.write(config.to_json(cfg))
+        recovery.trim_metrics(cfg.out_dir, reader.meta["step"] if reader else 0)
 
     loader = make_loader(cfg, jax.process_index(), jax.process_count())
     if loader.tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {loader.tokenizer.vocab_size} tokens, model {cfg.model} only {mcfg.vocab_size}")
-    steps_done = checkpoint.committed(cfg.out_dir)
-    if steps_done:
-        path = checkpoint.step_dir(cfg.out_dir, steps_done[-1])
-        state, saved = checkpoint.restore(path, state_structs(tx, mcfg, mesh))
-        loader.restore(data.merge_states(saved.data_states()))
+    if reader:
+        loader.restore(data.merge_states(data_states))
         if main_process:
-            truncate_metrics(cfg.out_dir, saved.meta["step"])
-            print(f"resumed from {path}")
+            print(f"resumed from {reader.path}")
     else:
         params = None
-        if init_params:
-            params = init_params(mcfg, mesh)
-        elif cfg.init_from:
-            params = load_params(cfg.init_from, mcfg, mesh)
+        if init_params or cfg.init_from:
+            params = init_params(mcfg, mesh) if init_params else load_params(cfg.init_from, mcfg, mesh)
+        if params is not None and (bad := recovery.nonfinite_paths(params)):
+            raise ValueError(f"{cfg.init_from}: non-finite values in {', '.join(bad[:4])}")
         state = init_state(tx, mcfg, mesh, jax.random.key(cfg.seed), params)
 
     train_step, eval_step = make_train_step(cfg, tx, mcfg, mesh), make_eval_step(mcfg, mesh)
@@ -220,10 +211,16 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
     flops = model.flops_per_token(mcfg, cfg.seq_len)
     to_device = lambda batch: sharding.global_batch(batch, mesh, cfg.microbatches)
-    Stop.install()
+    loop = reader.meta.get("loop", {}) if reader else {}  # the loop's own position at the checkpoint
+    nonfinite, interval_losses = loop.get("nonfinite", 0), loop.get("interval_losses", [])
+    recovery.Stop.install()
 
     def save(step):
-        meta = {"config": json.loads(config.to_json(cfg)), "model": dataclasses.asdict(mcfg), "seed": cfg.seed}
+        if bad := recovery.nonfinite_paths(state):  # cannot happen (such steps are skipped): never save it
+            print(f"not saving step {step}: non-finite values in {', '.join(bad[:4])}")
+            return
+        meta = {"config": json.loads(config.to_json(cfg)), "model": dataclasses.asdict(mcfg), "seed": cfg.seed,
+                "loop": {"nonfinite": nonfinite, "interval_losses": interval_losses}}
         checkpoint.save(cfg.out_dir, step, state, loader.state(), meta, cfg.keep_checkpoints, loader.tokenizer)
 
     def evaluate(step):
@@ -233,25 +230,30 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
             for batch in batches:
                 l, w = eval_step(state["params"], to_device(batch))
                 total, count = total + float(l), count + float(w)
-            record[f"eval/{source}"] = total / max(count, 1.0)
+            if count:  # a source without held-out tokens has no eval loss (not a 0.0)
+                record[f"eval/{source}"] = total / count
         return record
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not main_process)
-    nonfinite, last_log, interval_losses = 0, (start, time.time()), []
+    last_log = (start, time.time())
 
-    def report(step, metrics):
+    def report(step, metrics) -> bool:
         """Log step `step`'s metrics (read one step late, so the device is already busy). The
-        logged loss is the mean over the steps since the previous record: one batch is noisy."""
+        logged loss is the mean over the steps since the previous record: one batch is noisy.
+        Returns whether any process asked to stop (the same answer on every process)."""
         nonlocal nonfinite, last_log
         metrics = {k: v.item() for k, v in jax.device_get(metrics).items()}
         nonfinite = nonfinite + 1 if metrics["skipped"] else 0
         if not metrics["skipped"]:
             interval_losses.append(metrics["loss"])
         if nonfinite >= cfg.max_nonfinite_steps:
-            raise SystemExit(f"stopping: {nonfinite} consecutive non-finite losses (updates skipped) up to "
-                             f"step {step}; the last checkpoint in {cfg.out_dir} is intact")
-        if step % cfg.log_every and not metrics["skipped"] and step not in (start + 1, cfg.steps):
-            return
+            saved = checkpoint.committed(cfg.out_dir)
+            where = (f"the newest checkpoint, {checkpoint.step_dir(cfg.out_dir, saved[-1])}, holds finite params"
+                     if saved else f"no checkpoint has been saved in {cfg.out_dir}")
+            raise SystemExit(f"stopping: {nonfinite} consecutive steps up to step {step} were not finite (loss, "
+                             f"gradient, new params or optimizer state; their updates were skipped); {where}")
+        if step % cfg.log_every and not metrics["skipped"] and step not in (1, cfg.steps):
+            return metrics["stop"]
         now = time.time()
         tokens_per_sec = (step - last_log[0]) * cfg.batch_size * cfg.seq_len / (now - last_log[1])
         last_log = (step, now)
@@ -263,23 +265,28 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
                   "skipped": bool(metrics["skipped"])}
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_sec:.0f}")
         if main_process:
-            log_metrics(cfg.out_dir, record)
+            recovery.log_metrics(cfg.out_dir, record)
+        return metrics["stop"]
 
-    pending = None
+    pending, stopping = None, False
     for step in bar:
-        state, metrics = train_step(state, to_device(next(loader)))
+        state, metrics = train_step(state, to_device(next(loader)), stop_flags(mesh, recovery.Stop.requested))
         if pending is not None:
-            report(*pending)
-        pending = (step + 1, metrics)
-        done = step + 1
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+            stopping = report(*pending)
+        pending, done = (step + 1, metrics), step + 1
+        evaluating = cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps)
+        saving = done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping
+        if evaluating or saving:  # this step's record first: a kill after the save must not lose it
+            stopping = report(*pending) or stopping
+            pending, saving = None, saving or stopping
+        if evaluating:
             record = evaluate(done)
-            if main_process:
-                log_metrics(cfg.out_dir, record)
+            if main_process and len(record) > 1:
+                recovery.log_metrics(cfg.out_dir, record)
                 bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {done})")
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or Stop.requested:
+        if saving:
             save(done)
-        if Stop.requested:
+        if stopping:
             if main_process:
                 print(f"stop requested: saved step {done} in {cfg.out_dir}, exiting")
             break

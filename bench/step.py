@@ -87,10 +87,10 @@ def ours(args):
     step_fn = trainer.make_train_step(tcfg, tx, mcfg, mesh)
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
     batch = sharding.global_batch({"tokens": tokens}, mesh, microbatches=1)
-    holder = {"state": state}
+    holder, go_on = {"state": state}, trainer.stop_flags(mesh, False)
 
     def step():
-        holder["state"], metrics = step_fn(holder["state"], batch)
+        holder["state"], metrics = step_fn(holder["state"], batch, go_on)
         return float(metrics["loss"])  # waits for the step
 
     n = 2048

@@ -41,3 +41,23 @@ def runs_dir(tmp_path_factory):
     demo.corpus(demo.cache_dir(str(root / "any_run")))
     demo.chat_sources(demo.cache_dir(str(root / "any_run")))
     return root
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """Two small JSONL sources and a sentencepiece model trained on them (tests/runs.py)."""
+    import runs
+    return runs.make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def reference(corpus, tmp_path_factory):
+    """An uninterrupted 16-step run (runs.write_config): what every resumed run must reproduce.
+    (its out_dir, {step: loss})"""
+    import runs
+    root = tmp_path_factory.mktemp("reference")
+    rc, out = runs.run(runs.write_config(root / "cfg.py", corpus, root / "out"))
+    assert rc == 0, out
+    result = runs.losses(root / "out")
+    assert sorted(result) == list(range(1, 17)), result
+    return root / "out", result

@@ -4,10 +4,14 @@ import filecmp
 import gzip
 import io
 import json
+import logging
 import os
+import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ import sentencepiece as spm
 
 import data
 import demo
+import records
 from conftest import subprocess_env
 from data import Loader
 from records import Source
@@ -245,8 +250,8 @@ def test_configuration_errors(tmp_path, tok_path):
     for src, message in cases:
         with pytest.raises((ValueError, OSError), match=message):
             Loader([src], tok, 16, 2)
-    for weight in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="source 's': weight must be > 0"):
+    for weight in (0.0, -1.0, float("nan"), float("inf")):  # NaN or inf would give every row to one source
+        with pytest.raises(ValueError, match="source 's': weight must be a finite number > 0"):
             Source("s", (good,), weight)
     with pytest.raises(TypeError, match="paths must be a tuple"):
         Source("s", good, 1.0)
@@ -298,3 +303,57 @@ def test_benchmark_smoke(runs_dir):
                          cwd=ROOT, capture_output=True, text=True, check=True, env=subprocess_env()).stdout
     report = json.loads(out.strip().splitlines()[-1])
     assert report["loader_tokens_per_sec"] > 0 and report["sentencepiece_tokens_per_sec"] > 0 and report["ratio"] > 0
+
+
+def test_a_source_without_documents_says_why(tmp_path, tok_path):
+    """An empty file is not advised to use fewer streams; too few documents for the streams is."""
+    tok = Tokenizer(tok_path)
+    (tmp_path / "empty.jsonl").write_text("")
+    loader = Loader([Source("s", (str(tmp_path / "empty.jsonl"),), 1.0)], tok, 16, 2, num_streams=1)
+    with pytest.raises(data.NoDocuments, match=r"source 's' found no training records in .*empty.jsonl"):
+        next(loader)
+    loader.close()
+    few = write_jsonl(tmp_path / "few.jsonl", ["abc def", "ghi jkl"])
+    loader = Loader([Source("s", (few,), 1.0, eval_fraction=0.0)], tok, 16, 4, num_streams=4)
+    with pytest.raises(data.NoDocuments, match="holds? 2 training records, fewer than the 4 streams"):
+        next(loader)
+    loader.close()
+
+
+def test_sources_with_nothing_held_out_are_not_evaluated(tmp_path, tok_path, caplog):
+    """No eval loss stands in for nothing evaluated: eval_fraction=0, or held-out records that are
+    not there, leave the source out of eval_batches (with a warning for the second)."""
+    tok = Tokenizer(tok_path)
+    texts = [words(np.random.default_rng(i), FIRST, 30) for i in range(4)]
+    held = [i for i in range(4) if records.held_out("few.jsonl", i, 0.05)]
+    assert not held  # 4 records, none of them held out at 5%
+    sources = [Source("none", (write_jsonl(tmp_path / "a" / "some.jsonl", texts),), 1.0, eval_fraction=0.0),
+               Source("few", (write_jsonl(tmp_path / "few.jsonl", texts),), 1.0, eval_fraction=0.05),
+               Source("all", (write_jsonl(tmp_path / "b" / "some.jsonl", texts),), 1.0, eval_fraction=0.99)]
+    loader = Loader(sources, tok, 16, 2, num_streams=1)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        evals = loader.eval_batches(1)
+    loader.close()
+    assert list(evals) == ["all"] and "source 'few' found no held-out records" in caplog.text
+
+
+def test_an_unreadable_folder_is_named(tmp_path):
+    """A glob matches nothing in a folder we may not list: say so, not just "matches no files"."""
+    root = tempfile.mkdtemp()  # not under pytest's tmp_path, whose parents only root may enter
+    try:
+        os.chmod(root, 0o755)
+        os.makedirs(os.path.join(root, "secret"))
+        write_jsonl(pathlib.Path(root) / "secret" / "a.jsonl", ["abc"])
+        os.chmod(os.path.join(root, "secret"), 0o000 if os.geteuid() else 0o700)
+        src = Source("s", (os.path.join(root, "secret", "*.jsonl"),), 1.0)
+        if os.geteuid() == 0:
+            os.seteuid(65534)  # as root no permission applies: look as nobody
+        try:
+            with pytest.raises(FileNotFoundError, match=f"the folder {root}/secret cannot be read: permission denied"):
+                records.files(src)
+        finally:
+            if os.getuid() == 0:
+                os.seteuid(0)
+    finally:
+        os.chmod(os.path.join(root, "secret"), 0o700)
+        shutil.rmtree(root)

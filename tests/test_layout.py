@@ -57,7 +57,7 @@ LAYERS = [
     ("configuration", {"config"}),
     ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
     ("data", {"records", "chat", "demo", "data"}),
-    ("the loop", {"trainer"}),
+    ("the loop", {"recovery", "trainer"}),
     ("entry points", {"train", "sft", "sample", "convert", "aot"}),
 ]
 

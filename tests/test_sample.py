@@ -136,3 +136,12 @@ def test_checkpoints_from_before_tokenizers_were_saved_still_load(params, spm_mo
     assert cfg == CFG and (set(tok.added) == set(chat.CHAT_TOKENS) if kind == "chat" else tok.added == {})
     sample.main([str(tmp_path), "--prompt", "word1", "--max_new_tokens", "4", *(["--chat"] if kind == "chat" else [])])
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("option, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5)])
+def test_sampling_options_that_cannot_be_right_are_refused(params, option, value, capsys):
+    with pytest.raises(ValueError, match=f"{option}="):
+        generate.generate(params, CFG, PROMPT, 4, **{option: value})
+    with pytest.raises(SystemExit):  # before anything is loaded: the path does not even exist
+        sample.main(["/nonexistent", "--prompt", "x", f"--{option}={value}"])
+    assert f"{option}=" in capsys.readouterr().err

@@ -265,3 +265,15 @@ def test_chat_records_from_any_format_with_the_shared_held_out_rule(tok, tmp_pat
     assert 0 < len(held) < 40 and len(ds.train) == 40 - len(held)
     replies = [tok.decode(t[m == 1]).replace("<|im_end|>", "") for t, m in ds.held_out]
     assert replies == [f"a {i}" for i in held]
+
+
+def test_a_truncated_json_file_is_named(tok, tmp_path):
+    """A .json array cut short: skipped and counted under "skip", an error naming the file under "raise"
+    (not a bare JSONDecodeError)."""
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}] * 3)[:-20])
+    skips = records.Skips("skip")
+    ds = chat.Dataset(records.Source("c", (str(path),), 1.0), tok, 256, skips, collections.Counter())
+    assert ds.train == [] and [r for r in skips.counts if r.startswith("unreadable from here on (JSONDecodeError")]
+    with pytest.raises(records.BadRecord, match=f"{path}:1: unreadable from here on"):
+        chat.Dataset(records.Source("c", (str(path),), 1.0), tok, 256, records.Skips("raise"), collections.Counter())

@@ -4,20 +4,14 @@ import functools
 import json
 import math
 import os
-import random
 import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import sentencepiece as spm
-from conftest import subprocess_env
+from runs import MICRO, SLOW_FEED, losses, run, start, wait_for_step, write_config
 
 import config
 import model
@@ -26,8 +20,6 @@ import trainer
 from tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO = model.Config(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
-                     max_seq_len=64, dtype="float32")
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -60,9 +52,9 @@ def test_weight_decay_by_path():
 
 # ----------------------------------------------------------------------------- the step
 
-def _step_setup(microbatches, mesh_shape=(2, 2, 2)):
+def _step_setup(microbatches, mesh_shape=(2, 2, 2), lr=1e-2):
     tcfg = config.TrainConfig(model=MICRO, batch_size=16, seq_len=32, microbatches=microbatches,
-                              mesh=mesh_shape, lr=1e-2, warmup_steps=0, steps=10)
+                              mesh=mesh_shape, lr=lr, warmup_steps=0, steps=10)
     mesh = sharding.make_mesh(*mesh_shape)
     tx = trainer.make_optimizer(tcfg)
     state = trainer.init_state(tx, MICRO, mesh, jax.random.key(0))
@@ -85,7 +77,7 @@ def step_results(microbatches):
     `microbatches`. After one step the first moment is (1 - b1) x the clipped gradient: the
     accumulated gradient itself, where the params would only show Adam's ~lr * sign(g)."""
     tcfg, mesh, state, step = _step_setup(microbatches)
-    state, metrics = step(state, _batch(mesh, microbatches, UNEVEN_WEIGHTS))
+    state, metrics = step(state, _batch(mesh, microbatches, UNEVEN_WEIGHTS), trainer.stop_flags(mesh, False))
     return jax.device_get(optax.tree_utils.tree_get(state["opt_state"], "mu")), jax.device_get(metrics)
 
 
@@ -124,13 +116,25 @@ def test_nonfinite_loss_skips_update():
     before = jax.device_get(state)
     weights = np.ones((16, 32), np.float32)
     weights[3, 5] = np.nan  # one poisoned token in one microbatch
-    state, metrics = step(state, _batch(mesh, 2, weights))
+    state, metrics = step(state, _batch(mesh, 2, weights), trainer.stop_flags(mesh, False))
     assert bool(metrics["skipped"]) and not np.isfinite(float(metrics["loss"]))
     assert int(state["step"]) == 1
     for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(jax.device_get(state["params"]))):
         np.testing.assert_array_equal(a, b)
-    state, metrics = step(state, _batch(mesh, 2))  # the next good batch trains normally
+    state, metrics = step(state, _batch(mesh, 2), trainer.stop_flags(mesh, False))  # the next good batch trains normally
     assert not bool(metrics["skipped"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # 1e39 as float32, the point of the test
+def test_an_update_that_overflows_the_params_is_skipped():
+    """lr=1e39 is finite for Python but not for float32: the update makes every param infinite
+    while the loss and gradient are finite. The step must keep the old state."""
+    tcfg, mesh, state, step = _step_setup(1, lr=1e39)
+    before = jax.device_get(state["params"])
+    state, metrics = step(state, _batch(mesh, 1), trainer.stop_flags(mesh, False))
+    assert bool(metrics["skipped"]) and np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state["params"]))):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- config errors
@@ -150,131 +154,25 @@ def test_bad_config_values_fail_before_compile(tmp_path):
         config.validate(dataclasses.replace(tcfg, mesh=(1, 2, 4), init_from="/some/dir"), mcfg, 8)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -1e-4, "lr=-0.0001 must be a finite number >= 0"), ("lr", float("nan"), "lr=nan must be a finite"),
+    ("end_lr", float("inf"), "end_lr=inf must be a finite"), ("weight_decay", -0.1, "weight_decay=-0.1"),
+    ("b1", 1.0, "b1=1.0 must lie in"), ("b2", -0.5, "b2=-0.5 must lie in"), ("grad_clip", 0.0, "grad_clip=0.0"),
+    ("eval_every", -1, "eval_every=-1 must be positive, or 0"), ("eval_batches", 0, "eval_batches=0 must be positive"),
+    ("keep_checkpoints", 0, "keep_checkpoints=0 must be positive"), ("max_nonfinite_steps", 0, "max_nonfinite_steps=0"),
+    ("bad_records", "ignore", "bad_records='ignore'"), ("model", dataclasses.replace(MICRO, dtype="int8"), "dtype='int8'"),
+    ("model", dataclasses.replace(MICRO, remat="some"), "remat='some'"),
+    ("model", dataclasses.replace(MICRO, n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),
+])
+def test_values_that_cannot_be_right_are_refused_by_key(key, value, message):
+    tcfg = dataclasses.replace(config.TrainConfig(model=MICRO, batch_size=8, seq_len=32, steps=10, warmup_steps=2,
+                                                  mesh=(2, 2, 2)), **{key: value})
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config.validate(tcfg, config.model_config(tcfg), 8)
+    config.validate(dataclasses.replace(tcfg, **{key: getattr(config.TrainConfig(model=MICRO), key)}), MICRO, 8)
+
+
 # ----------------------------------------------------------------------------- crash, preemption, resume
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """Two small JSONL sources and a sentencepiece model trained on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    rng = random.Random(0)
-    words = ["alpha", "beta", "gamma", "delta", "lemur", "code", "text", "jax", "tpu", "token"]
-    lines = []
-    for name in ("code", "text"):
-        with open(root / f"{name}.jsonl", "w") as f:
-            for i in range(400):
-                body = " ".join(rng.choice(words) for _ in range(rng.randint(5, 60)))
-                lines.append(f"def f{i}(): return '{body}'" if name == "code" else body)
-                f.write(json.dumps({"text": lines[-1]}) + "\n")
-    (root / "all.txt").write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(input=str(root / "all.txt"), model_prefix=str(root / "tok"), vocab_size=200,
-                                   model_type="bpe", num_threads=1, minloglevel=2)
-    return root
-
-
-def write_config(path, corpus, out_dir, **overrides):
-    fields = dict(out_dir=str(out_dir), steps=16, warmup_steps=2, lr=3e-3, end_lr=3e-4, batch_size=8,
-                  seq_len=32, microbatches=2, mesh=(1, 2, 2), log_every=1, eval_every=100, eval_batches=1,
-                  checkpoint_every=4, keep_checkpoints=10, tokenizer=str(corpus / "tok.model"))
-    fields.update(overrides)
-    path.write_text(textwrap.dedent(f"""
-        from config import TrainConfig
-        from data import Source
-        from model import Config
-        config = TrainConfig(
-            model=Config(**{dataclasses.asdict(MICRO)!r}),
-            sources=(Source("code", ({str(corpus / 'code.jsonl')!r},), 10.0, eval_fraction=0.2),
-                     Source("text", ({str(corpus / 'text.jsonl')!r},), 1.0, eval_fraction=0.2)),
-            **{fields!r})
-    """))
-    return str(path)
-
-
-# the real run with a data feed slowed to 0.15 s a batch: with its programs in the compilation
-# cache, the tiny test run would otherwise finish before a signal sent at a random moment arrives
-SLOW_FEED = """
-import sys, time, data, train
-next_batch = data.Loader.__next__
-def slow_next(self):
-    time.sleep(0.15)
-    return next_batch(self)
-data.Loader.__next__ = slow_next
-train.main(sys.argv[1:])
-"""
-
-# kills the run with SIGKILL in the middle of its first checkpoint write (shards written, no COMMIT yet)
-KILL_IN_CHECKPOINT = """
-import os, signal, sys, checkpoint, train
-write_json = checkpoint._write_json
-def dying_write_json(path, obj):
-    if path.endswith("COMMIT"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    write_json(path, obj)
-checkpoint._write_json = dying_write_json
-train.main(sys.argv[1:])
-"""
-
-
-def start(cfg_path, devices=4, *args, code=None):
-    cmd = [sys.executable, "-c", code, cfg_path, *args] if code else [sys.executable, "train.py", cfg_path, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(devices), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def run(cfg_path, devices=4, *args, code=None, timeout=300):
-    proc = start(cfg_path, devices, *args, code=code)
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def losses(out_dir):
-    """step -> loss from metrics.jsonl (the last record of each step)."""
-    result = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "loss" in record:
-                result[record["step"]] = record["loss"]
-    return result
-
-
-def wait_for_step(out_dir, step, proc, timeout=240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.stdout.read()}")
-        if os.path.exists(os.path.join(out_dir, "metrics.jsonl")) and max(losses(out_dir), default=0) >= step:
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out waiting for the run")
-
-
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    """An uninterrupted run: the losses every resumed run must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
-    rc, out = run(write_config(root / "cfg.py", corpus, root / "out"))
-    assert rc == 0, out
-    result = losses(root / "out")
-    assert sorted(result) == list(range(1, 17)), result
-    return root / "out", result
-
-
-def test_kill9_anywhere_then_resume_is_bit_identical(corpus, reference, tmp_path):
-    out_dir = tmp_path / "out"
-    cfg = write_config(tmp_path / "cfg.py", corpus, out_dir)
-    rng = random.Random(1)
-    proc = start(cfg, code=SLOW_FEED)  # 1. SIGKILL at a random moment of training
-    wait_for_step(out_dir, rng.randint(3, 7), proc)
-    time.sleep(rng.random() * 0.5)
-    proc.kill()
-    proc.wait()
-    rc, out = run(cfg, code=KILL_IN_CHECKPOINT)  # 2. SIGKILL in the middle of a checkpoint write
-    assert rc == -signal.SIGKILL, out
-    assert any(name.endswith(".tmp") for name in os.listdir(out_dir))  # the half-written checkpoint
-    rc, out = run(cfg)  # 3. resume to the end
-    assert rc == 0 and "resumed from" in out, out
-    assert losses(out_dir) == reference[1]  # bit-identical, every step
-
 
 def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     out_dir = tmp_path / "out"
@@ -322,6 +220,29 @@ def test_export_checkpoint_to_hf(reference, tmp_path):
     with torch.no_grad():
         expected = theirs(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(model.forward(params, jnp.asarray(tokens), MICRO), expected, atol=1e-4)
+
+
+def test_export_refuses_a_non_empty_target_and_replaces_only_an_exports_files(reference, tmp_path, capsys):
+    """An earlier export's index and shards must not outlive a new export (loaders would read the
+    old weights through the stale index); other files stay."""
+    import convert
+    import hf
+    old = model.init_params(MICRO, jax.random.key(5))
+    hf.save_hf(old, MICRO, str(tmp_path), dtype="float32", max_shard_bytes=60_000)  # sharded, with an index
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        convert.main([str(reference[0]), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"{tmp_path} is not empty" in err and "pass --force" in err
+    with pytest.raises(SystemExit):
+        convert.main([str(reference[0]), str(tmp_path / "new"), "--dtype=int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    convert.main([str(reference[0]), str(tmp_path), "--dtype=float32", "--force"])
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.model"]
+    _, loaded = hf.load_hf(str(tmp_path))
+    import checkpoint
+    saved = checkpoint.Reader(checkpoint.step_dir(str(reference[0]), 16))
+    np.testing.assert_array_equal(np.asarray(loaded["layers"]["wq"]), saved.read("params/layers/wq"))
 
 
 def test_init_from_hf_and_checkpoint(reference, tmp_path):

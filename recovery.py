@@ -1,0 +1,119 @@
+"""What keeps a run whole across kills, preemptions and bad files: trainer.py's loop calls these.
+
+- Preemption: SIGTERM/SIGINT set a flag that each process feeds to its next train step; the step
+  reduces the flags of all processes (trainer.stop_flags), so on a pod where the signal reaches
+  the hosts at different moments every process still stops after the same step, saves, exits 0.
+- metrics.jsonl holds exactly one record per logged step, whatever the kills: every start trims it
+  to the step it starts from (0 on a fresh start), and the loop writes a step's record before any
+  checkpoint of that step commits.
+- Resuming takes the newest checkpoint that verifies (checksums, readable files, finite values),
+  agreed by every process; newer ones that do not are set aside (`step_X.corrupt`), and if none
+  verifies the run stops naming them, rather than starting over. A checkpoint of another model
+  (any field that changes the math) is refused before anything is written.
+"""
+import dataclasses
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import checkpoint
+import model
+
+
+class Stop:
+    """SIGTERM/SIGINT ask the loop to stop: TPU VMs are preempted with SIGTERM."""
+    requested = False
+
+    @classmethod
+    def install(cls):
+        def handler(signum, frame):
+            cls.requested = True
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+def everywhere(flag: bool) -> bool:
+    """Whether `flag` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+def log_metrics(out_dir: str, record: dict):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(out_dir: str, step: int):
+    """Keep the records of steps <= `step` (the one this start resumes from, 0 if none): later ones
+    are about to be redone. A line torn by a kill mid-write is dropped too."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- resume
+
+def nonfinite_paths(tree) -> list[str]:
+    """The paths of the leaves of `tree` holding a NaN or an infinity."""
+    flags = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), t))(tree))
+    return [jax.tree_util.keystr(p, simple=True, separator="/")
+            for p, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+
+
+def check_same_model(saved: model.Config, mcfg: model.Config, where: str):
+    """Refuse to continue from a model whose math differs: every field but the compute dtype and
+    the remat policy (they change how, not what, is computed)."""
+    changed = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(mcfg, f.name)!r}" for f in dataclasses.fields(mcfg)
+               if f.name not in ("dtype", "remat") and getattr(saved, f.name) != getattr(mcfg, f.name)]
+    if changed:
+        raise ValueError(f"{where} holds another model than the configured one ({', '.join(changed)}); "
+                         "resume with the model it was trained with, or use another out_dir")
+
+
+def restore_newest(out_dir: str, structs, mcfg: model.Config):
+    """(state, reader, data states) of the newest checkpoint in out_dir that verifies, all None if
+    there is no checkpoint. Every process must agree that a checkpoint verifies before it is used."""
+    failures = []
+    for step in reversed(checkpoint.committed(out_dir)):
+        path = checkpoint.step_dir(out_dir, step)
+        state = reader = data_states = error = None
+        try:
+            reader = checkpoint.Reader(path)
+            check_same_model(reader.model_config(), mcfg, path)
+            state, _ = checkpoint.restore(reader, structs)
+            data_states = reader.data_states()
+            if bad := nonfinite_paths(state):
+                raise checkpoint.CheckpointError(f"{path}: non-finite values in {', '.join(bad[:4])}")
+        except (checkpoint.CheckpointError, OSError) as e:
+            error = str(e)
+        if everywhere(error is None):
+            for failed, why in failures:
+                if jax.process_index() == 0:
+                    print(f"{failed} does not verify ({why}); set aside as {checkpoint.set_aside(failed)}")
+            if failures and jax.process_index() == 0:
+                print(f"falling back to {path}")
+            return state, reader, data_states
+        failures.append((path, error or "on another process"))
+    if failures:
+        listed = "\n".join(f"  {path}: {why}" for path, why in failures)
+        raise SystemExit(f"no checkpoint in {out_dir} verifies:\n{listed}")
+    return None, None, None
