@@ -65,6 +65,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 500  # steps between evaluations of each source's held-out rows; 0 = never
     eval_batches: int = 4  # held-out batches per source per evaluation
+    # also write the metrics as TensorBoard event files in out_dir/tensorboard (when tensorboardX is
+    # installed), and to this W&B project ("" = no W&B; needs wandb)
+    tensorboard: bool = True
+    wandb_project: str = ""
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     # at the end of the run, print a greedy continuation of this prompt ("" = none)

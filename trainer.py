@@ -31,6 +31,7 @@ import hf
 import model
 import recovery
 import sharding
+import tracking
 
 # peak dense bf16 FLOP/s per device, by jax's device_kind; unknown (e.g. a CPU) -> no MFU
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -190,6 +191,11 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
             f.write(config.to_json(cfg))
         recovery.trim_metrics(cfg.out_dir, reader.meta["step"] if reader else 0)
+    tracker = tracking.Tracker(cfg, reader.meta["step"] if reader else 0, main_process)
+
+    def log(record):  # process 0: metrics.jsonl, then TensorBoard and W&B
+        recovery.log_metrics(cfg.out_dir, record)
+        tracker.log(record)
 
     loader = make_loader(cfg, jax.process_index(), jax.process_count())
     if loader.tokenizer.vocab_size > mcfg.vocab_size:
@@ -265,7 +271,7 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
                   "skipped": bool(metrics["skipped"])}
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{tokens_per_sec:.0f}")
         if main_process:
-            recovery.log_metrics(cfg.out_dir, record)
+            log(record)
         return metrics["stop"]
 
     pending, stopping = None, False
@@ -282,7 +288,7 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
         if evaluating:
             record = evaluate(done)
             if main_process and len(record) > 1:
-                recovery.log_metrics(cfg.out_dir, record)
+                log(record)
                 bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {done})")
         if saving:
             save(done)
@@ -293,6 +299,7 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     if pending is not None:
         report(*pending)
     loader.close()
+    tracker.close()
     if cfg.sample_prompt and int(state["step"]) == cfg.steps:
         tok = loader.tokenizer
         prompt = [tok.bos_id] + tok.encode(cfg.sample_prompt)

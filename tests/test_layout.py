@@ -57,8 +57,8 @@ LAYERS = [
     ("configuration", {"config"}),
     ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
     ("data", {"records", "chat", "demo", "data"}),
-    ("the loop", {"recovery", "trainer"}),
-    ("entry points", {"train", "sft", "sample", "convert", "aot"}),
+    ("the loop", {"recovery", "tracking", "trainer"}),
+    ("entry points", {"train", "sft", "sample", "convert", "aot", "plot"}),
 ]
 
 

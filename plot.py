@@ -1,0 +1,79 @@
+"""Loss curves of one or several runs in one PNG: the train loss and each source's held-out loss
+against the tokens trained, one color per run.
+
+    python plot.py out/tiny                                  # -> out/tiny/loss.png
+    python plot.py out/ablation_a out/ablation_b --out ab.png
+
+Reads each run's metrics.jsonl (metrics of train.py and sft.py runs) and its config.json (the
+tokens per step, to place evaluations, which record only their step). Runs are labelled by their
+folder. Needs matplotlib (`pip install matplotlib`).
+"""
+import argparse
+import json
+import os
+import sys
+
+import records
+
+
+def read_run(out_dir: str) -> dict:
+    """{"train": ([tokens], [loss]), "eval/<source>": ([tokens], [loss]), ...} of a run."""
+    with open(os.path.join(out_dir, "config.json")) as f:
+        run = json.load(f)
+    per_step = run["batch_size"] * run["seq_len"]
+    curves = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            points = {"train": record["loss"]} if "loss" in record else {
+                k: v for k, v in record.items() if k.startswith("eval/")}
+            for name, value in points.items():
+                xs, ys = curves.setdefault(name, ([], []))
+                xs.append(record.get("tokens", record["step"] * per_step))
+                ys.append(value)
+    return curves
+
+
+def labels(out_dirs: list[str]) -> list[str]:
+    """Each run's folder name, or its path where two runs share a name."""
+    names = [os.path.basename(os.path.abspath(d)) for d in out_dirs]
+    return [name if names.count(name) == 1 else os.path.normpath(d) for name, d in zip(names, out_dirs)]
+
+
+def plot(out_dirs: list[str], out: str):
+    matplotlib = records.optional("matplotlib", "draw loss curves")
+    matplotlib.use("Agg")  # files only, no screen needed
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(d) for d in out_dirs]
+    panels = ["train"] + sorted({name for run in runs for name in run if name != "train"})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for color, (run, label) in enumerate(zip(runs, labels(out_dirs))):
+            if panel in run:
+                ax.plot(*run[panel], color=f"C{color}", label=label, marker="." if panel != "train" else None)
+        ax.set_title("train loss" if panel == "train" else f"held-out loss: {panel[5:]}")
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss (nats per token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Plot the loss curves of one or several runs into one PNG.")
+    parser.add_argument("out_dirs", nargs="+", help="run folders (their metrics.jsonl and config.json)")
+    parser.add_argument("--out", help="the PNG to write (default: loss.png in the first run's folder)")
+    args = parser.parse_args(argv)
+    for d in args.out_dirs:
+        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+            parser.error(f"{d}: no metrics.jsonl (not a run's out_dir?)")
+    out = args.out or os.path.join(args.out_dirs[0], "loss.png")
+    plot(args.out_dirs, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
