@@ -32,6 +32,7 @@ M microbatches, W the ICI bandwidth of one axis (bytes/s). Axes of size 1 cost n
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -106,12 +107,13 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
     chip, compile_seconds, mfu_estimate (or an error when the compiler finds it does not fit)."""
     spec = slice_spec(topology)
     mcfg = config.model_config(tcfg)
-    config.validate(tcfg, mcfg)
+    config.validate(tcfg, mcfg, platform="tpu")
     mesh = sharding.make_mesh(*tcfg.mesh, devices=topology_devices(spec))
     rows = tcfg.batch_size // tcfg.microbatches
     batch = {"tokens": jax.ShapeDtypeStruct((tcfg.microbatches, rows, tcfg.seq_len + 1), jnp.int32,
                                             sharding=sharding.batch_sharding(mesh, microbatched=True))}
     result = {"topology": topology, "chips": spec["chips"], "hbm_per_chip_gib": None, "hbm_bytes": None,
+              "attention": None, "attention_kernels": None,
               "hbm_capacity_gib": spec["hbm_gib"], "fits": False, "mesh": list(tcfg.mesh),
               "microbatches": tcfg.microbatches, "compile_seconds": None,
               "mfu_estimate": round(mfu_estimate(tcfg, mcfg, spec), 3)}
@@ -130,6 +132,9 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
         print(json.dumps(result))
         return result
     result["compile_seconds"] = round(time.time() - start, 1)
+    # which attention the TPU program runs, read from the compiled program, not assumed from the config
+    kernels = sorted(set(re.findall(r"splash_mha_\w+", compiled.as_text())))
+    result["attention"], result["attention_kernels"] = ("splash" if kernels else "jnp"), kernels
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     result["hbm_bytes"] = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
@@ -137,7 +142,8 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
     result["hbm_per_chip_gib"] = round(total / GIB, 2)
     result["fits"] = total <= spec["hbm_gib"] * GIB
     print(f"{tcfg.model} on {topology} ({spec['topology']}, {spec['chips']} chips), mesh (data, fsdp, tensor) = "
-          f"{tuple(tcfg.mesh)}, {tcfg.microbatches} microbatches of {rows} x {tcfg.seq_len} tokens")
+          f"{tuple(tcfg.mesh)}, {tcfg.microbatches} microbatches of {rows} x {tcfg.seq_len} tokens, "
+          f"attention {result['attention']} ({', '.join(kernels) or 'jnp ops'})")
     for name, size in result["hbm_bytes"].items():
         print(f"  {name:>8} {size / GIB:8.2f} GiB per chip")
     if not result["fits"]:

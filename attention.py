@@ -1,7 +1,21 @@
-"""Attention: the causal self-attention of training (FlashAttention-2's algorithm in jnp ops, with
-its own backward pass) and the plain masked form that generation runs against its KV cache.
+"""Attention: the causal self-attention of training in three implementations, and the plain masked
+form that generation runs against its KV cache.
 
-Both take q (B, T, N, H) and k/v (B, S, K, H) with grouped-query heads: kv head j serves query heads
+    jnp     causal_attention: FlashAttention-2's algorithm in jnp ops with its own backward pass.
+            Runs anywhere; the reference the others are tested against.
+    splash  The Pallas TPU kernel (jax.experimental.pallas.ops.tpu.splash_attention): causal plus
+            the packed-document segment mask, grouped-query heads. On CPU devices it runs in
+            Pallas interpret mode: slow, for tests and debugging.
+    cudnn   jax.nn.dot_product_attention(implementation="cudnn") on NVIDIA GPUs. It takes no
+            segment ids, so it cannot keep attention inside packed documents (document_mask).
+
+Config.attention picks one: "auto" (the default) resolves from the platform of the devices the
+program is built for, not from this host's default backend, so an ahead-of-time compile for a TPU
+slice on a CPU machine compiles splash: splash on TPU, jnp on CPU and, until the GPU check
+(bench/gpu.py) has verified cuDNN on a GPU, jnp on GPU too. An explicit choice that cannot run
+there is an error.
+
+All take q (B, T, N, H) and k/v (B, S, K, H) with grouped-query heads: kv head j serves query heads
 j G .. j G + G - 1 (G = N/K). Scores, softmax and its statistics are fp32; matmul inputs stay in
 q/k/v's dtype. Nothing here knows about meshes: under tensor parallelism sharding.py calls these on
 each device's local heads.
@@ -11,6 +25,112 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "jnp", "splash", "cudnn")
+
+
+def resolve(choice: str, platform: str, segments: bool = False) -> str:
+    """The implementation `choice` means for a program on `platform` devices ("cpu", "tpu", "gpu");
+    segments: whether attention must stay inside packed documents."""
+    if choice not in IMPLEMENTATIONS:
+        raise ValueError(f"attention={choice!r}: must be one of {', '.join(IMPLEMENTATIONS)}")
+    if choice == "auto":
+        return "splash" if platform == "tpu" else "jnp"
+    if choice == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention='cudnn' needs NVIDIA GPUs; this program is built for {platform} devices")
+    if choice == "cudnn" and segments:
+        raise ValueError("attention='cudnn' takes no segment ids, so it cannot keep attention inside documents "
+                         "(document_mask=True): use 'jnp' or 'auto'")
+    if choice == "splash" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"attention='splash' is a TPU kernel (interpret mode on CPU), not for {platform} devices")
+    return choice
+
+
+def core(implementation: str, platform: str, segment_ids=None):
+    """The causal attention function (q, k, v) -> out of a resolved implementation."""
+    if implementation == "splash":
+        return partial(splash_attention, segment_ids=segment_ids, interpret=platform != "tpu")
+    if implementation == "cudnn":
+        return cudnn_attention
+    return partial(causal_attention, segment_ids=segment_ids)
+
+
+def _block(T: int) -> int:
+    for block in (512, 256, 128):
+        if T % block == 0:
+            return block
+    return T  # short sequences (tests, interpret mode): one block
+
+
+def splash_attention(q, k, v, segment_ids=None, interpret=False):
+    """Causal grouped-query attention through the Pallas splash kernel, one example at a time.
+    The kernel is built here, while the program is traced, for this T and number of local heads."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    B, T, N, H = q.shape
+    b = _block(T)
+    if not interpret and b % 128:
+        raise ValueError(f"attention='splash' on TPU needs a sequence length divisible by 128, not {T}")
+    blocks = kernels.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                                block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    mask = masks.MultiHeadMask([masks.CausalMask((T, T)) for _ in range(N)])
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)  # (B, T, heads, H) -> (B, heads, T, H), the kernel's layout
+
+    def attend(q, k, v, segment_ids):  # builds the kernel where it is traced: its mask tables are constants there
+        kernel = kernels.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+        q = (q.astype(jnp.float32) / math.sqrt(H)).astype(q.dtype)  # the kernel does not scale
+        if segment_ids is None:
+            return heads_first(jax.vmap(kernel)(heads_first(q), heads_first(k), heads_first(v)))
+        one = lambda q, k, v, s: kernel(q, k, v, segment_ids=kernels.SegmentIds(q=s, kv=s))
+        return heads_first(jax.vmap(one)(heads_first(q), heads_first(k), heads_first(v), segment_ids))
+
+    return _in_shard_map(attend)(q, k, v, segment_ids)
+
+
+def _in_shard_map(kernel):
+    """kernel(q, k, v, segment_ids) made traceable inside sharding.py's shard_map, which tracks how
+    each value varies over the mesh axes (check_vma). The splash kernel's pallas_calls state no
+    manual axis type for their outputs, which check_vma requires. Every value of the per-device
+    program varies over all mesh axes alike, so while the kernel and its backward pass are traced
+    their ShapeDtypeStructs default to q's: the VJP is taken here, inside that scope, not later by
+    autodiff. Outside a shard_map q varies over nothing and the kernel runs as it is."""
+    def scoped(mat, fn, *args):
+        original = jax.ShapeDtypeStruct
+
+        class VaryingLikeQ(original):
+            def __init__(self, *args, manual_axis_type=None, **kwargs):
+                super().__init__(*args, manual_axis_type=manual_axis_type or mat, **kwargs)
+
+        jax.ShapeDtypeStruct = VaryingLikeQ
+        try:
+            return fn(*args)
+        finally:
+            jax.ShapeDtypeStruct = original
+
+    @jax.custom_vjp
+    def call(q, k, v, segment_ids):
+        return fwd(q, k, v, segment_ids)[0]
+
+    def fwd(q, k, v, segment_ids):  # segment_ids an argument of vjp, so no tracer hides in its closure
+        return scoped(getattr(jax.typeof(q), "mat", None), jax.vjp, kernel, q, k, v, segment_ids)
+
+    def bwd(vjp, dout):
+        dq, dk, dv, _ = scoped(getattr(jax.typeof(dout), "mat", None), vjp, dout)
+        return dq, dk, dv, None
+
+    def traced(q, k, v, segment_ids):
+        mat = getattr(jax.typeof(q), "mat", None)
+        return call(q, k, v, segment_ids) if mat is not None and mat.varying else kernel(q, k, v, segment_ids)
+
+    call.defvjp(fwd, bwd)
+    return traced
+
+
+def cudnn_attention(q, k, v):
+    """Causal grouped-query attention through cuDNN's fused kernel (NVIDIA GPUs only)."""
+    return jax.nn.dot_product_attention(q, k, v, scale=1 / math.sqrt(q.shape[-1]), is_causal=True,
+                                        implementation="cudnn")
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # a masked score: exp() of it minus anything is 0
 

@@ -20,6 +20,7 @@ import types
 import typing
 from dataclasses import dataclass
 
+import attention
 import model
 import sharding
 
@@ -104,10 +105,11 @@ def model_config(cfg: TrainConfig) -> model.Config:
 
 
 def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: int | None = None,
-             process_count: int = 1):
+             process_count: int = 1, platform: str | None = None):
     """Raise naming the key for any value that would make a run fail later or go silently wrong.
     mcfg: the run's model (None: the checks against it wait); device_count: the devices the run
-    will use (None for a compile for another machine's slice, which checks its own mesh)."""
+    will use (None for a compile for another machine's slice, which checks its own mesh);
+    platform: theirs ("cpu", "gpu", "tpu"), which the attention kernel must suit."""
     def bad(key, why):
         return ValueError(f"config: {key}={getattr(cfg, key)!r} {why}")
 
@@ -155,6 +157,11 @@ def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: i
             raise bad("seq_len", f"exceeds the model's max_seq_len={mcfg.max_seq_len}")
         sharding.check_divisible(mcfg, dict(zip(("data", "fsdp", "tensor"), cfg.mesh)),
                                  cfg.batch_size // cfg.microbatches, cfg.seq_len)
+        if platform is not None:
+            try:
+                attention.resolve(mcfg.attention, platform, cfg.document_mask)
+            except ValueError as e:
+                raise ValueError(f"config: model attention: {e}") from None
 
 
 def check_model(mcfg: model.Config):
@@ -174,8 +181,10 @@ def check_model(mcfg: model.Config):
         raise bad("rope_theta" if not mcfg.rope_theta > 0 else "norm_eps", "must be positive")
     if mcfg.dtype not in ("float32", "bfloat16", "float16"):
         raise bad("dtype", "must be float32, bfloat16 or float16")
-    if mcfg.remat not in ("none", "full", "dots"):
-        raise bad("remat", "must be none, full or dots")
+    if mcfg.remat not in model.REMAT_POLICIES:
+        raise bad("remat", f"must be one of {', '.join(model.REMAT_POLICIES)}")
+    if mcfg.attention not in attention.IMPLEMENTATIONS:
+        raise bad("attention", f"must be one of {', '.join(attention.IMPLEMENTATIONS)}")
 
 
 def _parse(value: str, typ, key: str):

@@ -17,12 +17,14 @@ No collectives, no mesh and no generation cache live here.
 Dimension letters: B batch, T sequence, D model, F ffn, N query heads, K kv heads, G = N/K query
 heads per kv head, H head dim, V vocab, L layers.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 import attention
 
@@ -42,10 +44,24 @@ class Config:
     # what the backward pass recomputes: "full" saves only each layer's input, "dots" also saves
     # matmul outputs (more memory, less recompute), "none" saves everything (no remat)
     remat: str = "full"
+    # the attention kernel of training: "auto" (splash on TPU, jnp elsewhere), "jnp", "splash" or
+    # "cudnn" (attention.py); like dtype and remat it changes how, not what, is computed
+    attention: str = "auto"
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+
+REMAT_POLICIES = ("none", "full", "dots", "offload")
+# the fields that change how, not what, is computed: a checkpoint of one setting continues under another
+HOW = ("dtype", "remat", "attention")
+
+
+def math_of(cfg: Config) -> Config:
+    """cfg with the HOW fields at their defaults: two configs compute the same function when their
+    math_of are equal."""
+    return dataclasses.replace(cfg, **{f: getattr(Config, f) for f in HOW})
 
 
 LLAMA2_7B = Config(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008)
@@ -197,16 +213,19 @@ def layer(lp, x, cfg: Config, rope, attend, gather=_same, scatter=_same):
     parallelism (gather: x[B, T_tensor, D] -> x[B, T, D] before each block; scatter: the block's
     partial sum over local heads or F -> x[B, T_tensor, D])."""
     dtype = jnp.dtype(cfg.dtype)
+    x = checkpoint_name(x, "layer_input")  # what remat="offload" keeps, in host memory
     h = gather(rms_norm(x, lp["attn_norm"], cfg.norm_eps))
     x = x + scatter(self_attention(lp, h, rope, attend, dtype))
     h = gather(rms_norm(x, lp["mlp_norm"], cfg.norm_eps))
     return x + scatter(mlp(lp, h, dtype))
 
 
-def causal(segment_ids=None):
-    """The attention core of training: causal self-attention, kept inside each segment (packed
-    document) when segment_ids (B, T) are given (attention.causal_attention, looked up at call time)."""
-    return lambda q, k, v: attention.causal_attention(q, k, v, segment_ids)
+def causal(cfg: Config, platform: str, segment_ids=None):
+    """The attention core of training for a program on `platform` devices: causal self-attention,
+    kept inside each segment (packed document) when segment_ids (B, T) are given, by the kernel
+    cfg.attention resolves to there (attention.py)."""
+    implementation = attention.resolve(cfg.attention, platform, segment_ids is not None)
+    return attention.core(implementation, platform, segment_ids)
 
 
 def scan_layers(fn, x, layers, policy: str):
@@ -223,7 +242,10 @@ def remat(fn, policy: str):
     if policy == "none":
         return fn
     policies = {"full": jax.checkpoint_policies.nothing_saveable,
-                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+                    names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+                    offload_src="device", offload_dst="pinned_host")}
     if policy not in policies:
         raise ValueError(f"unknown remat policy {policy!r}; known: none, {', '.join(policies)}")
     return jax.checkpoint(fn, policy=policies[policy])
@@ -240,7 +262,8 @@ def hidden(params, tokens, cfg: Config, segment_ids=None):
     """tokens (B, T) -> final normed hidden states (B, T, D) in cfg.dtype."""
     rope = rope_tables(np.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_theta)
     x = params["embed"].astype(cfg.dtype)[tokens]  # (B, T, D)
-    x = scan_layers(lambda x, lp: layer(lp, x, cfg, rope, causal(segment_ids)), x, params["layers"], cfg.remat)
+    attend = causal(cfg, jax.default_backend(), segment_ids)
+    x = scan_layers(lambda x, lp: layer(lp, x, cfg, rope, attend), x, params["layers"], cfg.remat)
     return rms_norm(x, params["norm"], cfg.norm_eps)
 
 

@@ -80,10 +80,10 @@ def nonfinite_paths(tree) -> list[str]:
 
 
 def check_same_model(saved: model.Config, mcfg: model.Config, where: str):
-    """Refuse to continue from a model whose math differs: every field but the compute dtype and
-    the remat policy (they change how, not what, is computed)."""
+    """Refuse to continue from a model whose math differs: every field but the compute dtype, the
+    remat policy and the attention kernel (they change how, not what, is computed)."""
     changed = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(mcfg, f.name)!r}" for f in dataclasses.fields(mcfg)
-               if f.name not in ("dtype", "remat") and getattr(saved, f.name) != getattr(mcfg, f.name)]
+               if f.name not in model.HOW and getattr(saved, f.name) != getattr(mcfg, f.name)]
     if changed:
         raise ValueError(f"{where} holds another model than the configured one ({', '.join(changed)}); "
                          "resume with the model it was trained with, or use another out_dir")

@@ -50,6 +50,7 @@ def main(argv=None):
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    sharding.select_platforms()
     try:  # before anything is loaded
         check_options(args.temperature, args.top_k, args.top_p)
     except ValueError as e:

@@ -56,7 +56,7 @@ def model_config(tcfg: SFTConfig, tokenizer) -> model.Config:
     """The configured model (its dtype and remat) with the padded chat vocabulary; the base model
     must have that architecture and a vocabulary between the tokenizer's base and padded sizes."""
     base, mcfg = base_config(tcfg.init_from), config.model_config(tcfg)
-    strip = lambda c: dataclasses.replace(c, vocab_size=0, dtype="", remat="")
+    strip = lambda c: dataclasses.replace(model.math_of(c), vocab_size=0)
     if strip(base) != strip(mcfg):
         raise ValueError(f"{tcfg.init_from}: its architecture {base} is not model={tcfg.model!r}")
     mcfg = dataclasses.replace(mcfg, vocab_size=math.lcm(chat.padded_vocab(tokenizer), tcfg.mesh[2]))
@@ -120,6 +120,7 @@ def main(argv):
     if not argv or argv[0].startswith("--"):
         raise SystemExit("usage: python sft.py CONFIG [--key=value ...]")
     logging.basicConfig(format="%(message)s")
+    sharding.select_platforms()
     tcfg = config.load(argv[0], argv[1:])
     if not isinstance(tcfg, SFTConfig):
         raise SystemExit(f"{argv[0]}: its config must be a config.SFTConfig")

@@ -25,6 +25,7 @@ the sequence-parallel collectives passed in as its gather and scatter. Only the 
 runs outside, in trainer.py.
 """
 import glob
+import importlib.util
 import math
 import os
 from functools import partial
@@ -42,16 +43,35 @@ BATCH = ("data", "fsdp")  # the mesh axes that split the batch rows
 
 # ----------------------------------------------------------------------------- processes and mesh
 
+def _tpu_chips_attached() -> bool:
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def select_platforms():
+    """Call first, before anything touches a device. On a machine without TPU chips, keep JAX from
+    starting libtpu (installed with jax[tpu] for ahead-of-time compiles, it prints errors while it
+    looks for chips): use NVIDIA GPUs when there are some and JAX's CUDA plugin is installed, else
+    the CPU. A machine with TPU chips is left alone: it uses them or fails loudly, never falls back
+    to the CPU unnoticed. JAX_PLATFORMS, when set, decides instead."""
+    if os.environ.get("JAX_PLATFORMS") or _tpu_chips_attached():
+        return
+    cuda = glob.glob("/dev/nvidia[0-9]*") and any(importlib.util.find_spec(p) for p in
+                                                   ("jax_cuda13_plugin", "jax_cuda12_plugin"))
+    jax.config.update("jax_platforms", "cuda,cpu" if cuda else "cpu")
+
+
 def initialize_distributed():
-    """Connect the processes of a multi-host run; does nothing on a single CPU/GPU host.
+    """Connect the processes of a multi-host run; does nothing for a single process.
 
     Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID. On a TPU VM
-    (one or many hosts) JAX finds the coordinator and this host's id itself."""
+    (one or many hosts), under SLURM (srun, several tasks) or Open MPI (mpirun, several ranks), JAX
+    finds the coordinator and this process's id in the launcher's environment itself."""
     env = os.environ
     if "JAX_COORDINATOR_ADDRESS" in env:
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], int(env["JAX_NUM_PROCESSES"]),
                                    int(env["JAX_PROCESS_ID"]))
-    elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU chips attached
+    elif (_tpu_chips_attached() or int(env.get("SLURM_NTASKS", 1)) > 1
+          or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1):
         jax.distributed.initialize()
 
 
@@ -227,18 +247,20 @@ def _cross_entropy(logits, targets, weights):
     return jnp.sum((logz - target_logit) * weights)
 
 
-def _device_loss_sum(params, batch, cfg: model.Config):
-    """One device's program: its param shards and rows -> (loss_sum, weight_sum) of the batch."""
+def _device_loss_sum(params, batch, cfg: model.Config, platform: str):
+    """One device's program: its param shards and rows -> (loss_sum, weight_sum) of the batch.
+    platform: of the mesh's devices, which decides the attention kernel (model.causal)."""
     specs, dtype, eps = param_specs(cfg), jnp.dtype(cfg.dtype), cfg.norm_eps
     tokens = batch["tokens"]  # [B_(data,fsdp), T+1]
     segment_ids = batch.get("segment_ids")
     segment_ids = None if segment_ids is None else segment_ids[:, :-1]  # of the inputs
     rope = model.rope_tables(np.arange(tokens.shape[1] - 1), cfg.head_dim, cfg.rope_theta)
     x = _embed(_gather(params["embed"], specs["embed"], dtype), tokens[:, :-1])  # x[B, T_tensor, D]
+    attend = model.causal(cfg, platform, segment_ids)  # on this device's local heads, whole sequence
 
     def layer(x, lp):  # x[B, T_tensor, D]; lp: this layer's shards, gathered here under the remat
         w = {k: _gather(v, specs["layers"][k][1:], dtype) for k, v in lp.items()}
-        return model.layer(w, x, cfg, rope, model.causal(segment_ids),
+        return model.layer(w, x, cfg, rope, attend,
                            # h[B, T_tensor, D] -> all-gather over tensor along T -> h[B, T, D]
                            gather=lambda h: _all_gather(h, "tensor", 1),
                            # out[B, T, D] {partial sum over the local heads or F slice}
@@ -249,8 +271,9 @@ def _device_loss_sum(params, batch, cfg: model.Config):
     # h[B, T_tensor, D] -> all-gather over tensor along T -> h[B, T, D]
     h = _all_gather(model.rms_norm(x, _gather(params["norm"], specs["norm"], dtype), eps), "tensor", 1)
     output = _gather(params["output"], specs["output"], dtype)  # W[D, V_tensor]
-    logits = model.logits_from_hidden({"output": output}, h, cfg)  # [B, T, V_tensor] fp32
     weights = batch.get("weights", jnp.ones(tokens[:, 1:].shape, jnp.float32)).astype(jnp.float32)
+
+    logits = model.logits_from_hidden({"output": output}, h, cfg)  # [B, T, V_tensor] fp32
     sums = (_cross_entropy(logits, tokens[:, 1:], weights), jnp.sum(weights))
     # sums over this device's rows -> all-reduce over data and fsdp -> sums over the whole batch
     return jax.lax.psum(sums, BATCH)
@@ -262,7 +285,8 @@ def loss_sum(params, batch: dict, cfg: model.Config, mesh: Mesh):
     """(loss_sum, weight_sum) of a batch {"tokens": (rows, T+1) int32, optional "weights":
     (rows, T) per target token, optional "segment_ids": (rows, T+1)}, as model.cross_entropy."""
     check_divisible(cfg, mesh.shape, batch["tokens"].shape[0], batch["tokens"].shape[1] - 1)
-    return jax.shard_map(partial(_device_loss_sum, cfg=cfg), mesh=mesh,
+    platform = mesh.devices.flat[0].platform
+    return jax.shard_map(partial(_device_loss_sum, cfg=cfg, platform=platform), mesh=mesh,
                          in_specs=(param_specs(cfg), {k: P(BATCH) for k in batch}),
                          out_specs=P())(params, batch)
 

@@ -22,6 +22,8 @@ def main(argv):
     if len(argv) < 1 or argv[0].startswith("--"):
         raise SystemExit("usage: python train.py CONFIG [--key=value ...] [--aot=TOPOLOGY]")
     aot = [a for a in argv[1:] if a.startswith("--aot=")]
+    if not aot:
+        sharding.select_platforms()
     cfg = config.load(argv[0], [a for a in argv[1:] if not a.startswith("--aot=")])
     if aot:
         import aot as aot_module  # here, not at the top: it points JAX at the CPU (the TPU is only described)

@@ -102,7 +102,7 @@ def load_params(init_from: str, mcfg: model.Config, mesh):
     else:
         path = checkpoint.latest(path)
         saved_cfg = checkpoint.Reader(path).model_config()
-    if dataclasses.replace(saved_cfg, dtype=mcfg.dtype, remat=mcfg.remat) != mcfg:
+    if model.math_of(saved_cfg) != model.math_of(mcfg):
         raise ValueError(f"{init_from}: the saved model {saved_cfg} is not the configured {mcfg}")
     if kind == "hf":
         return hf.load_hf(path, sharding.param_shardings(mcfg, mesh))[1]
@@ -180,7 +180,7 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     from tqdm import tqdm
 
     mcfg = mcfg or config.model_config(cfg)
-    config.validate(cfg, mcfg, jax.device_count(), jax.process_count())
+    config.validate(cfg, mcfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     mesh = sharding.make_mesh(*cfg.mesh)
     tx = make_optimizer(cfg)
     main_process = jax.process_index() == 0

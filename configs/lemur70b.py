@@ -20,7 +20,9 @@ config = TrainConfig(
     weight_decay=0.0,  # not in the paper: plain Adam
     batch_size=1024,
     seq_len=4096,
-    # 4 microbatches of 256 rows: 21.7 GiB of 32 per chip (python aot.py configs/lemur70b.py)
+    # 4 microbatches of 256 rows: 20.2 GiB of 32 per chip with the splash attention kernel (python
+    # aot.py configs/lemur70b.py --topology=v4-512). 2 take 32.1 GiB and fit only with the model's
+    # remat="offload" (layer inputs in host memory: 15.9 GiB; BENCHMARKS.md)
     microbatches=4,
     mesh=(1, 32, 8),  # fsdp 32 x tensor 8 = 256 chips
     sources=(

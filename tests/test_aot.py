@@ -63,11 +63,16 @@ def test_mfu_estimate_in_its_limits():
 
 
 @needs_tpu
-def test_lemur70b_fits_v4_512():
+def test_lemur70b_fits_v4_512_with_the_splash_kernel():
+    """The paper's run as configured: attention "auto" compiles the Pallas splash kernels (found in
+    the compiled TPU program, forward and both backward passes) and the step fits a v4 chip."""
     tcfg = config.load("configs/lemur70b.py", ["--mesh=1,32,8", "--microbatches=4"])
     result = aot.compile_train_step(tcfg, "v4-512")
     assert result["fits"] and result["hbm_per_chip_gib"] <= 30.0, result
     assert result["chips"] == 256 and result["microbatches"] == 4
+    assert result["attention"] == "splash" and {k.split("_no_")[0].split("_residuals")[0]
+                                                for k in result["attention_kernels"]} == {
+        "splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"}, result
 
 
 @needs_tpu

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -145,3 +147,16 @@ def test_sampling_options_that_cannot_be_right_are_refused(params, option, value
     with pytest.raises(SystemExit):  # before anything is loaded: the path does not even exist
         sample.main(["/nonexistent", "--prompt", "x", f"--{option}={value}"])
     assert f"{option}=" in capsys.readouterr().err
+
+
+def test_quiet_on_a_machine_without_tpu_chips(params, spm_model, tmp_path):
+    """With jax[tpu] installed (the test requirements bring libtpu) and no TPU chips attached, a
+    command must not start libtpu, which prints errors while it looks for chips."""
+    from conftest import ROOT, subprocess_env
+    hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
+    shutil.copyfile(spm_model, tmp_path / "tokenizer.model")
+    env = {k: v for k, v in subprocess_env().items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "word1", "--max_new_tokens", "3"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("word1"), out.stderr[-2000:]
+    assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[-2000:]

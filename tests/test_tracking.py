@@ -92,8 +92,8 @@ def test_an_offline_wandb_run_holds_the_scalars(corpus, tmp_path):
         assert logged[step]["train/loss"] == pytest.approx(record["loss"], rel=1e-6)
         assert logged[step]["train/lr"] == pytest.approx(record["lr"], rel=1e-6)
     assert logged[8]["eval/code"] == pytest.approx(evals[8]["eval/code"], rel=1e-6)
-    with open(out_dir / "wandb_id") as f:
-        assert f.read().strip() in os.listdir(out_dir / "wandb")[0]
+    with open(out_dir / "wandb_id") as f:  # the run W&B holds is the one a resume will continue
+        assert glob.glob(str(out_dir / "wandb" / f"offline-run-*-{f.read().strip()}"))
 
 
 def test_plot_draws_two_runs_into_one_png(reference, tmp_path):
