@@ -8,17 +8,22 @@ A checkpoint is a directory `out_dir/step_00001000/`:
     meta.json                   step, run config, model config, seed, the tokenizer's added tokens (process 0)
     COMMIT                      written last, by process 0: CRC-32 of meta.json and tokenizer.model
 
-Atomicity: everything is written under `step_XXXXXXXX.tmp/`, each file fsynced; after a barrier,
-process 0 writes COMMIT, renames the directory to its final name and fsyncs the parent. A
-directory without `.tmp` and with COMMIT is complete; anything else is ignored and cleared by the
-next save (`.tmp` folders and step folders without COMMIT), so a crash at any instant leaves
-either the old set of checkpoints or the new one. Rotation keeps the newest `keep` and never
-deletes the checkpoint just written. The directory must be on storage every process sees (NFS, a
-GCS fuse mount) for multi-host runs.
+Atomicity: a step folder with COMMIT is complete; anything else is ignored and cleared by the
+next save, so a crash at any instant leaves either the old set of checkpoints or the new one.
+- On a disk, everything is written under `step_XXXXXXXX.tmp/`, each file fsynced; after a
+  barrier, process 0 writes COMMIT, renames the folder to its final name, fsyncs the parent.
+- On an object store (out_dir a URL: gs://bucket/run, see storage.py) there is no atomic rename,
+  so the files are written in place, each object appearing whole or not at all; after a barrier,
+  process 0 writes COMMIT last. A same-step checkpoint already committed there is kept as it is
+  (a run reaches a step it has a checkpoint of only by resuming from it: the state is the same),
+  and deleting one removes COMMIT first, so a crash mid-delete leaves an uncommitted folder.
+Rotation keeps the newest `keep` and never deletes the checkpoint just written. For multi-host
+runs out_dir must be storage every process sees: a bucket URL or a shared file system.
 
 Integrity: `Reader` verifies what it reads. A slice of a saved tensor verifies the chunks its bytes
 lie in, each once, so a restore onto another mesh checks only its own share and no host re-reads
-other hosts' files whole; JSON files and the tokenizer are verified whole; a checksum file carries
+other hosts' files whole (on an object store the slice is cut from the verified chunks: each byte
+is fetched once); JSON files and the tokenizer are verified whole; a checksum file carries
 its own CRC. A mismatch, a file cut short, a garbled header or JSON raise CheckpointError naming
 the file (trainer.py then falls back to an older checkpoint). Checkpoints written before checksums
 (their COMMIT lists none) restore with a warning, unverified.
@@ -31,20 +36,19 @@ them and data.run_tokenizer rebuilds theirs from the run config.
 Shards are stored in the safetensors layout (tensorfile.py) under names
 `path@start:stop,start:stop`: the global slice each shard holds. Restoring builds every array
 with `jax.make_array_from_callback` for the *target* sharding, copying each requested slice out
-of whichever saved shards overlap it (memory-mapped, so a process reads only what it needs).
+of whichever saved shards overlap it (byte ranges, so a process reads only what it needs).
 That is why a checkpoint restores onto a different mesh or process count.
 """
 import json
 import logging
-import os
 import re
-import shutil
 import zlib
 
 import jax
 import numpy as np
 
 import model
+import storage
 import tensorfile
 from tokenizer import Tokenizer
 
@@ -63,22 +67,9 @@ def _barrier(name: str):
         multihost_utils.sync_global_devices(name)
 
 
-def _fsync_dir(path: str):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_bytes(path: str, data: bytes) -> int:
-    """Write, fsync, rename into place; returns the CRC-32 of what was written."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write whole or not at all (storage.writer); returns the CRC-32 of what was written."""
+    storage.write_bytes(path, data)
     return zlib.crc32(data)
 
 
@@ -102,19 +93,24 @@ def _index_str(index, shape):
 
 def committed(out_dir: str) -> list[int]:
     """Steps of the complete checkpoints in out_dir, oldest first."""
-    if not os.path.isdir(out_dir):
-        return []
-    return sorted(int(m.group(1)) for name in os.listdir(out_dir) if (m := _STEP_DIR.match(name))
-                  and os.path.exists(os.path.join(out_dir, name, "COMMIT")))
+    return sorted(int(m.group(1)) for name in storage.listdir(out_dir) if (m := _STEP_DIR.match(name))
+                  and storage.exists(storage.join(out_dir, name, "COMMIT")))
 
 
 def step_dir(out_dir: str, step: int) -> str:
-    return os.path.join(out_dir, f"step_{step:08d}")
+    return storage.join(out_dir, f"step_{step:08d}")
+
+
+def _discard(path: str):
+    """Delete a checkpoint folder, COMMIT first: a crash midway leaves it uncommitted, not half."""
+    if storage.exists(storage.join(path, "COMMIT")):
+        storage.remove(storage.join(path, "COMMIT"))
+    storage.rmtree(path)
 
 
 def latest(path: str) -> str:
     """`path` if it is a checkpoint directory, else the newest complete checkpoint of out_dir `path`."""
-    if os.path.exists(os.path.join(path, "COMMIT")):
+    if storage.exists(storage.join(path, "COMMIT")):
         return path
     steps = committed(path)
     if not steps:
@@ -125,9 +121,13 @@ def latest(path: str) -> str:
 def set_aside(path: str) -> str:
     """Rename a checkpoint that does not verify to `path.corrupt` (kept for inspection, never read)."""
     target, n = path + ".corrupt", 1
-    while os.path.exists(target):
+    while storage.exists(target):
         target, n = f"{path}.corrupt{n}", n + 1
-    os.replace(path, target)
+    if storage.is_remote(path):  # no rename: copy, then uncommit and delete the original
+        storage.copytree(path, target)
+        _discard(path)
+    else:
+        storage.rename(path, target)
     return target
 
 
@@ -135,16 +135,17 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
          chunk_bytes: int = CHUNK_BYTES):
     """Write `state` (a pytree of jax arrays) as checkpoint `step`, with the run's tokenizer (its
     file copied in, its added tokens in meta.json); keep the newest `keep` (at least this one)."""
-    final = step_dir(out_dir, step)
-    tmp = final + ".tmp"
-    proc = jax.process_index()
+    final, remote, proc = step_dir(out_dir, step), storage.is_remote(out_dir), jax.process_index()
+    tmp = final if remote else final + ".tmp"  # an object store: written in place, committed last
+    if remote and storage.exists(storage.join(final, "COMMIT")):
+        return  # already committed, and nothing can replace it atomically (see the module doc)
     if proc == 0:
-        os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(out_dir):  # leftovers of an interrupted save
-            uncommitted = _STEP_DIR.match(name) and not os.path.exists(os.path.join(out_dir, name, "COMMIT"))
+        storage.makedirs(out_dir)
+        for name in storage.listdir(out_dir):  # leftovers of an interrupted save
+            uncommitted = _STEP_DIR.match(name) and not storage.exists(storage.join(out_dir, name, "COMMIT"))
             if name.endswith(".tmp") or uncommitted:
-                shutil.rmtree(os.path.join(out_dir, name))
-        os.makedirs(tmp)
+                storage.rmtree(storage.join(out_dir, name))
+        storage.makedirs(tmp)
     _barrier(f"ckpt-{step}-mkdir")
 
     tensors = []
@@ -153,30 +154,30 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
             if shard.replica_id == 0:  # each slice written once, by the process holding replica 0
                 name = f"{path}@{_index_str(shard.index, array.shape)}"
                 tensors.append((name, shard.data.shape, shard.data.dtype, lambda d=shard.data: np.asarray(d)))
-    sums = tensorfile.write_safetensors(os.path.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors, chunk_bytes)
+    sums = tensorfile.write_safetensors(storage.join(tmp, f"shards.p{proc:05d}.safetensors"), tensors, chunk_bytes)
     data_file = f"data.p{proc:05d}.json"
-    data_crc = _write_json(os.path.join(tmp, data_file), data_state)
-    _write_json(os.path.join(tmp, f"checksums.p{proc:05d}.json"),
+    data_crc = _write_json(storage.join(tmp, data_file), data_state)
+    _write_json(storage.join(tmp, f"checksums.p{proc:05d}.json"),
                 _self_checked({"chunk_bytes": chunk_bytes, "shards": sums, "files": {data_file: data_crc}}))
     _barrier(f"ckpt-{step}-written")
 
     if proc == 0:
         meta, checksums = {"step": step, "process_count": jax.process_count(), **meta}, {}
         if tokenizer is not None:
-            with open(tokenizer.model_path, "rb") as f:
-                checksums["tokenizer.model"] = _write_bytes(os.path.join(tmp, "tokenizer.model"), f.read())
+            checksums["tokenizer.model"] = _write_bytes(storage.join(tmp, "tokenizer.model"), tokenizer.model_proto)
             added = sorted(tokenizer.added, key=tokenizer.added.get)
             meta["tokenizer"] = {"file": "tokenizer.model", "added_tokens": added}
-        checksums["meta.json"] = _write_json(os.path.join(tmp, "meta.json"), meta)
-        _write_json(os.path.join(tmp, "COMMIT"), {"step": step, "checksums": checksums})
-        _fsync_dir(tmp)
-        if os.path.exists(final):  # a checkpoint of the same step from before a crash
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(out_dir)
+        checksums["meta.json"] = _write_json(storage.join(tmp, "meta.json"), meta)
+        _write_json(storage.join(tmp, "COMMIT"), {"step": step, "checksums": checksums})
+        if not remote:
+            storage.sync_dir(tmp)
+            if storage.exists(final):  # a checkpoint of the same step from before a crash
+                storage.rmtree(final)
+            storage.rename(tmp, final)
+            storage.sync_dir(out_dir)
         older = [s for s in committed(out_dir) if s < step]
         for old in older[:max(len(older) - (keep - 1), 0)]:
-            shutil.rmtree(step_dir(out_dir, old))
+            _discard(step_dir(out_dir, old))
     _barrier(f"ckpt-{step}-done")
 
 
@@ -185,7 +186,7 @@ class Reader:
     through a memory map, so only the bytes of the slice are touched) and verified chunk by chunk."""
 
     def __init__(self, path: str):
-        if not os.path.exists(os.path.join(path, "COMMIT")):
+        if not storage.exists(storage.join(path, "COMMIT")):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
         self.path, self.checksums = path, None  # COMMIT holds the checksums: it is read unchecked
         self.checksums = self._json("COMMIT").get("checksums")  # None: written before checksums
@@ -198,7 +199,7 @@ class Reader:
                 name = f"checksums.p{proc:05d}.json"
                 sums = self._json(name)
                 if _self_checked({k: v for k, v in sums.items() if k != "self"}) != sums:
-                    raise CheckpointError(f"{os.path.join(path, name)}: its own checksum does not match (corrupt)")
+                    raise CheckpointError(f"{storage.join(path, name)}: its own checksum does not match (corrupt)")
                 self.chunk_bytes = sums["chunk_bytes"]
                 self.chunk_sums.update(sums["shards"])
                 self.checksums.update(sums["files"])
@@ -216,10 +217,9 @@ class Reader:
 
     def _bytes(self, name: str) -> bytes:
         """A small file of the checkpoint, whole, checked against its checksum when there is one."""
-        file = os.path.join(self.path, name)
+        file = storage.join(self.path, name)
         try:
-            with open(file, "rb") as f:
-                data = f.read()
+            data = storage.read_bytes(file)
         except OSError as e:
             raise CheckpointError(f"{file}: unreadable ({e})") from None
         if self.checksums is not None and name in self.checksums and zlib.crc32(data) != self.checksums[name]:
@@ -230,25 +230,27 @@ class Reader:
         try:
             return json.loads(self._bytes(name))
         except ValueError as e:  # JSON or UTF-8
-            raise CheckpointError(f"{os.path.join(self.path, name)}: not valid JSON ({e})") from None
+            raise CheckpointError(f"{storage.join(self.path, name)}: not valid JSON ({e})") from None
 
-    def _verify(self, name: str, local: tuple):
-        """Check the chunks of saved entry `name` that hold its sub-slice `local` (slices)."""
+    def _slice(self, name: str, local: tuple) -> np.ndarray:
+        """Saved entry `name`'s sub-slice `local`, verified: the chunks it lies in are read whole
+        (one byte range), checked, and the slice is cut out of them."""
         if self.checksums is None:
-            return
-        shape, itemsize = self.saved.shape(name), np.dtype(self.saved.entries[name][1]).itemsize
-        lo, hi = [s.start for s in local], [s.stop - 1 for s in local]
-        if any(h < l for l, h in zip(lo, hi)):
-            return
-        first, last = (int(np.ravel_multi_index(i, shape)) if shape else 0 for i in (lo, hi))
-        size, C = int(np.prod(shape)) * itemsize, self.chunk_bytes
-        for c in range(first * itemsize // C, ((last + 1) * itemsize - 1) // C + 1):
-            if (name, c) in self.verified:
-                continue
-            if zlib.crc32(self.saved.raw(name, c * C, min((c + 1) * C, size))) != self.chunk_sums[name][c]:
+            return self.saved.get_slice(name, local)
+        shape, dtype = self.saved.shape(name), np.dtype(self.saved.entries[name][1])
+        runs, out_shape = tensorfile.byte_runs(shape, local, dtype.itemsize)
+        if not runs:
+            return np.zeros(out_shape, dtype)
+        C, size = self.chunk_bytes, int(np.prod(shape)) * dtype.itemsize
+        first, last = runs[0][0] // C, (runs[-1][1] - 1) // C
+        data = memoryview(self.saved.raw(name, first * C, min((last + 1) * C, size)))
+        for c in range(first, last + 1):
+            if zlib.crc32(data[(c - first) * C:(c - first + 1) * C]) != self.chunk_sums[name][c]:
                 raise CheckpointError(f"{self.saved.entries[name][0]}: checksum mismatch in chunk {c} of {name} "
                                       "(the file is corrupt)")
             self.verified.add((name, c))
+        base = first * C
+        return np.frombuffer(bytearray().join(data[a - base:b - base] for a, b in runs), dtype).reshape(out_shape)
 
     def model_config(self) -> model.Config:
         return model.Config(**self.meta["model"])
@@ -260,7 +262,7 @@ class Reader:
             return None
         saved = self.meta["tokenizer"]
         self._bytes(saved["file"])  # verified
-        return Tokenizer(os.path.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]))
+        return Tokenizer(storage.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]))
 
     def shape(self, key):
         return tuple(max(b[d][1] for b, _ in self.pieces[key]) for d in range(len(self.pieces[key][0][0])))
@@ -278,8 +280,7 @@ class Reader:
             if any(l >= h for l, h in zip(lo, hi)):
                 continue
             local = tuple(slice(l - c, h - c) for l, h, (c, _) in zip(lo, hi, bounds))
-            self._verify(name, local)
-            block = self.saved.get_slice(name, local)
+            block = self._slice(name, local)
             if out is None:
                 out = np.empty([b - a for a, b in region], block.dtype)
             out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, region))] = block

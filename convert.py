@@ -11,7 +11,6 @@ A non-empty HF_DIR is refused unless `--force`, which replaces only the files an
 conversion itself (both directions, and the Python API `load_hf` / `save_hf`) is hf.py.
 """
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -20,6 +19,7 @@ import checkpoint
 import data
 import hf
 import model
+import storage
 from hf import load_hf, save_hf  # noqa: F401  (the Python API, once documented as convert.load_hf)
 
 
@@ -45,14 +45,14 @@ def main(argv):
     parser.add_argument("--force", action="store_true",
                         help="write into a non-empty dst, replacing the files of an earlier export (only those)")
     args = parser.parse_args(argv)
-    present = sorted(os.listdir(args.dst)) if os.path.isdir(args.dst) else []
+    present = sorted(storage.listdir(args.dst))
     if present and not args.force:
         parser.error(f"{args.dst} is not empty ({', '.join(present[:5])}{' ...' if len(present) > 5 else ''}); "
                      "pass --force to replace an earlier export's files there")
     reader = checkpoint.Reader(checkpoint.latest(args.src))
     cfg = reader.model_config()
     for name in hf.export_files(args.dst):  # an earlier export's, and nothing else
-        os.remove(os.path.join(args.dst, name))
+        storage.remove(storage.join(args.dst, name))
     params = hf.unflatten((key, _SavedParam(reader, "params/" + key)) for key, _ in hf.flatten(model.param_shapes(cfg)))
     hf.save_hf(params, cfg, args.dst, args.dtype)
     data.checkpoint_tokenizer(reader).save(args.dst)  # the run's tokenizer goes along: the directory is complete

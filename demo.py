@@ -21,6 +21,7 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
+import storage
 from records import Source
 
 VERSION = 1  # part of the corpus folder name: bump it when the demo corpus changes
@@ -28,7 +29,10 @@ PYTHON = f"py{sys.version_info[0]}{sys.version_info[1]}"
 
 
 def cache_dir(out_dir: str) -> str:
-    """Where a run in out_dir keeps the demo data: beside it, shared by runs (out/demo_data)."""
+    """Where a run in out_dir keeps the demo data: beside it, shared by runs (out/demo_data); for an
+    out_dir in a bucket, on local disk (~/.cache/lemur-jax/demo_data): it is rebuilt in seconds."""
+    if storage.is_remote(out_dir):
+        return os.path.join(os.path.expanduser("~"), ".cache", "lemur-jax", "demo_data")
     return os.path.join(os.path.dirname(os.path.abspath(out_dir)), "demo_data")
 
 

@@ -17,7 +17,6 @@ q/k rows are already in the rotate-half RoPE layout that model.py uses: no permu
 """
 import json
 import math
-import os
 import re
 
 import jax
@@ -25,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 import model
+import storage
 from tensorfile import SafetensorsDir, write_safetensors
 
 # our param -> (HF name template, how its dims map): "identity" or a transpose whose HF dims are
@@ -54,18 +54,17 @@ _EXPORT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safete
 
 def export_files(path: str) -> list[str]:
     """The files in directory `path` that an export writes (none if it does not exist)."""
-    return sorted(n for n in os.listdir(path) if _EXPORT_FILE.match(n)) if os.path.isdir(path) else []
+    return sorted(n for n in storage.listdir(path) if _EXPORT_FILE.match(n))
 
 # ----------------------------------------------------------------------------- config.json
 
 def read_config(path: str) -> model.Config:
     """A Hugging Face Llama config.json -> model.Config; anything we would silently get wrong is
     an error naming the key."""
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
+    file = storage.join(path, "config.json")
+    if not storage.isfile(file):
         raise FileNotFoundError(f"{file}: no config.json (is {path} a Hugging Face model directory?)")
-    with open(file) as f:
-        hf = json.load(f)
+    hf = json.loads(storage.read_bytes(file))
 
     def bad(key, why):
         return ValueError(f"{file}: {key}={hf.get(key)!r}: {why}")
@@ -239,19 +238,18 @@ def save_hf(params, cfg: model.Config, path: str, dtype: str = "bfloat16", max_s
             size = 0
         files[-1].append(t)
         size += nbytes
-    os.makedirs(path, exist_ok=True)
+    storage.makedirs(path)
     for name in export_files(path):  # an earlier export's weights: its index would shadow these
         if name.startswith("model"):
-            os.remove(os.path.join(path, name))
+            storage.remove(storage.join(path, name))
     names = ["model.safetensors"] if len(files) == 1 else [
         f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
     weight_map = {}
     for name, group in zip(names, files):
-        write_safetensors(os.path.join(path, name), group)
+        write_safetensors(storage.join(path, name), group)
         weight_map.update({t[0]: name for t in group})
     if len(files) > 1:
         total = sum(math.prod(t[1]) for t in tensors) * np.dtype(np_dtype).itemsize
-        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_config(cfg, dtype), f, indent=2)
+        storage.write_bytes(storage.join(path, "model.safetensors.index.json"), json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode())
+    storage.write_bytes(storage.join(path, "config.json"), json.dumps(hf_config(cfg, dtype), indent=2).encode())

@@ -9,34 +9,35 @@ tokens per step, to place evaluations, which record only their step). Runs are l
 folder. Needs matplotlib (`pip install matplotlib`).
 """
 import argparse
+import io
 import json
 import os
 import sys
 
 import records
+import storage
 
 
 def read_run(out_dir: str) -> dict:
     """{"train": ([tokens], [loss]), "eval/<source>": ([tokens], [loss]), ...} of a run."""
-    with open(os.path.join(out_dir, "config.json")) as f:
-        run = json.load(f)
+    run = json.loads(storage.read_bytes(storage.join(out_dir, "config.json")))
     per_step = run["batch_size"] * run["seq_len"]
     curves = {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            points = {"train": record["loss"]} if "loss" in record else {
-                k: v for k, v in record.items() if k.startswith("eval/")}
-            for name, value in points.items():
-                xs, ys = curves.setdefault(name, ([], []))
-                xs.append(record.get("tokens", record["step"] * per_step))
-                ys.append(value)
+    for line in storage.read_bytes(storage.join(out_dir, "metrics.jsonl")).decode().splitlines():
+        record = json.loads(line)
+        points = {"train": record["loss"]} if "loss" in record else {
+            k: v for k, v in record.items() if k.startswith("eval/")}
+        for name, value in points.items():
+            xs, ys = curves.setdefault(name, ([], []))
+            xs.append(record.get("tokens", record["step"] * per_step))
+            ys.append(value)
     return curves
 
 
 def labels(out_dirs: list[str]) -> list[str]:
     """Each run's folder name, or its path where two runs share a name."""
-    names = [os.path.basename(os.path.abspath(d)) for d in out_dirs]
+    names = [d.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(d) else os.path.basename(os.path.abspath(d))
+             for d in out_dirs]
     return [name if names.count(name) == 1 else os.path.normpath(d) for name, d in zip(names, out_dirs)]
 
 
@@ -58,8 +59,10 @@ def plot(out_dirs: list[str], out: str):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(out, png.getvalue())
 
 
 def main(argv):
@@ -68,9 +71,9 @@ def main(argv):
     parser.add_argument("--out", help="the PNG to write (default: loss.png in the first run's folder)")
     args = parser.parse_args(argv)
     for d in args.out_dirs:
-        if not os.path.isfile(os.path.join(d, "metrics.jsonl")):
+        if not storage.isfile(storage.join(d, "metrics.jsonl")):
             parser.error(f"{d}: no metrics.jsonl (not a run's out_dir?)")
-    out = args.out or os.path.join(args.out_dirs[0], "loss.png")
+    out = args.out or storage.join(args.out_dirs[0], "loss.png")
     plot(args.out_dirs, out)
     print(f"wrote {out}")
 

@@ -1,6 +1,9 @@
 """Records from files: the one reader of pretraining documents (data.py) and chat conversations
 (chat.py), with one held-out rule and one bad-record policy for both.
 
+Paths and globs may be URLs (gs://bucket/the-stack/**/*.parquet; storage.py): files stream
+through range requests, and a parquet file fetches only the column chunks a source reads.
+
 Formats, by extension: `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (needs zstandard), `.json` (an array of
 records, read whole), `.parquet` (needs pyarrow; only the column a source reads, or whole rows for
 chat data), `.txt` (one document per file, pretraining only). Files are streamed record by record;
@@ -17,7 +20,6 @@ unreadable files and unknown formats fail when the sources are opened.
 """
 import collections
 import dataclasses
-import glob
 import gzip
 import hashlib
 import importlib
@@ -27,6 +29,8 @@ import logging
 import math
 import os
 import threading
+
+import storage
 
 log = logging.getLogger("data")
 MAX_LOGGED_SKIPS = 10
@@ -89,7 +93,7 @@ def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
     """The sorted files of a source, each checked to be readable and of a known format."""
     found = set()
     for pattern in src.paths:
-        matched = glob.glob(pattern, recursive=True)
+        matched = storage.glob(pattern)
         if not matched:
             raise FileNotFoundError(f"source {src.name!r}: {pattern!r} matches no files" + _unreadable_dir(pattern))
         found.update(matched)
@@ -99,7 +103,7 @@ def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
         if path.endswith((".zst", ".parquet")):
             optional("zstandard" if path.endswith(".zst") else "pyarrow.parquet", f"read {path}")
         try:
-            open(path, "rb").close()
+            storage.open(path, "rb").close()
         except OSError as e:
             raise OSError(f"source {src.name!r}: cannot read {path}: {e}") from None
     return sorted(found)
@@ -107,6 +111,8 @@ def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
 
 def _unreadable_dir(pattern: str) -> str:
     """Why a glob may match nothing although files are there: a folder on its way we cannot list."""
+    if storage.is_remote(pattern):
+        return ""
     folder = os.path.dirname(pattern.split("*")[0].split("?")[0].split("[")[0]) or "."
     while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
@@ -123,21 +129,20 @@ def read(path: str, field: str | None = None):
     index = -1
     try:
         if path.endswith(".txt"):
-            with open(path, "rb") as f:
-                yield 0, f.read()
+            yield 0, storage.read_bytes(path)
         elif path.endswith(".json"):
-            with open(path, "rb") as f:
-                array = json.load(f)
+            array = json.loads(storage.read_bytes(path))
             if not isinstance(array, list):
                 raise ValueError("a .json file must hold an array of records")
             yield from enumerate(array)
         elif path.endswith(".parquet"):
-            parquet = optional("pyarrow.parquet", f"read {path}").ParquetFile(path)
-            for batch in parquet.iter_batches(columns=[field] if field else None):
-                for index, row in enumerate(batch.to_pylist(), index + 1):
-                    yield index, row
+            pq = optional("pyarrow.parquet", f"read {path}")
+            with storage.open(path, "rb") as f:  # only the footer and the column chunks read are fetched
+                for batch in pq.ParquetFile(f).iter_batches(columns=[field] if field else None):
+                    for index, row in enumerate(batch.to_pylist(), index + 1):
+                        yield index, row
         else:
-            with open(path, "rb") as raw:
+            with storage.open(path, "rb") as raw:
                 if path.endswith(".gz"):
                     f = gzip.open(raw)
                 elif path.endswith(".zst"):

@@ -12,7 +12,6 @@ wraps the prompt in ChatML (chat.encode_prompt) and stops at `<|im_end|>`; witho
 chats. Decoding: greedy (temperature 0, the default) or temperature / top-k / top-p from a seed.
 """
 import argparse
-import os
 
 import jax
 
@@ -21,6 +20,7 @@ import checkpoint
 import data
 import hf
 import sharding
+import storage
 from generate import check_options, generate
 from tokenizer import Tokenizer
 
@@ -28,7 +28,7 @@ from tokenizer import Tokenizer
 def load(path: str):
     """(params on one device, model config, tokenizer) of a training out_dir or checkpoint
     directory, or of a Hugging Face Llama directory."""
-    if os.path.exists(os.path.join(path, "COMMIT")) or checkpoint.committed(path):
+    if storage.exists(storage.join(path, "COMMIT")) or checkpoint.committed(path):
         reader = checkpoint.Reader(checkpoint.latest(path))
         cfg = reader.model_config()
         one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])

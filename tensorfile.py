@@ -2,22 +2,24 @@
 checkpoints (hf.py) and of our own checkpoint shards (checkpoint.py).
 
 The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte
-range), then the raw little-endian tensors. Reading goes through numpy memory maps of the raw file,
-so bf16 works without torch and a slice of a tensor reads only the bytes it covers: a 70B
-checkpoint loads into sharded params on hosts with far less memory, each process touching only its
-own slices. Writing streams one tensor at a time into a temporary file, fsynced, then renamed,
-and can checksum each tensor in fixed-size chunks as it goes (CRC-32), so a reader can verify just
+range), then the raw little-endian tensors. A slice of a tensor reads only the bytes it covers
+(`byte_runs`): through a numpy memory map on a disk, as byte-range requests on an object store
+(storage.py), so bf16 works without torch and a 70B checkpoint loads into sharded params on hosts
+with far less memory, each process fetching only its own slices. Writing streams one tensor at a
+time into a file that appears whole or not at all (storage.writer), and can checksum each tensor in fixed-size chunks as it goes (CRC-32), so a reader can verify just
 the chunks a slice touches (checkpoint.py). A file cut short or with a garbled header is an error
 naming the file.
 """
+import itertools
 import json
 import math
-import os
 import struct
 import zlib
 
 import ml_dtypes
 import numpy as np
+
+import storage
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "U32": np.uint32, "BOOL": np.bool_}
@@ -28,23 +30,22 @@ class SafetensorsDir:
     """Every tensor of a directory of *.safetensors files, as lazily read numpy memory maps."""
 
     def __init__(self, path: str):
-        index = os.path.join(path, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+        index = storage.join(path, "model.safetensors.index.json")
+        if storage.isfile(index):
+            files = sorted(set(json.loads(storage.read_bytes(index))["weight_map"].values()))
         else:
-            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            files = sorted(f for f in storage.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors files (other formats: convert them "
                                     "with transformers' save_pretrained(safe_serialization=True))")
         self.entries = {}  # name -> (file, dtype, shape, byte offset)
         for name in files:
-            file = os.path.join(path, name)
+            file = storage.join(path, name)
             try:
-                with open(file, "rb") as f:
+                with storage.open(file, "rb") as f:
                     n = struct.unpack("<Q", f.read(8))[0]
                     header = json.loads(f.read(n))
-                    size = os.fstat(f.fileno()).st_size
+                size = storage.size(file)
             except (OSError, struct.error, ValueError) as e:  # ValueError: JSON or UTF-8
                 raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
             for tensor, info in header.items():
@@ -66,14 +67,38 @@ class SafetensorsDir:
         file, dtype, shape, offset = self.entries[name]
         if math.prod(shape) == 0:
             return np.zeros(shape, dtype)[index]
-        return np.array(np.memmap(file, dtype, "r", offset=offset, shape=shape)[index])
+        if not storage.is_remote(file):
+            return np.array(np.memmap(file, dtype, "r", offset=offset, shape=shape)[index])
+        runs, out_shape = byte_runs(shape, index, np.dtype(dtype).itemsize)
+        data = b"".join(storage.read_ranges(file, [(offset + a, offset + b) for a, b in runs]))
+        return np.frombuffer(data, dtype).reshape(out_shape).copy()
 
     def raw(self, name, start: int, stop: int) -> bytes:
         """Bytes [start, stop) of a tensor's data, as stored (C order)."""
         file, _, _, offset = self.entries[name]
-        with open(file, "rb") as f:
-            f.seek(offset + start)
-            return f.read(stop - start)
+        return storage.read_ranges(file, [(offset + start, offset + stop)])[0]
+
+
+def byte_runs(shape: tuple, index: tuple, itemsize: int) -> tuple[list, tuple]:
+    """The contiguous byte ranges [start, stop) of tensor[index] (index: slices of step 1; C order),
+    in order, and the slice's shape. The trailing dims taken whole join each run, so a slice of
+    leading rows is one range and a column block is one range per row."""
+    bounds = [s.indices(n)[:2] for s, n in zip(tuple(index) + (slice(None),) * (len(shape) - len(index)), shape)]
+    out_shape = tuple(max(b - a, 0) for a, b in bounds)
+    if math.prod(out_shape) == 0:
+        return [], out_shape
+    strides = [math.prod(shape[d + 1:]) * itemsize for d in range(len(shape))]
+    k = len(shape)  # dims k.. are taken whole; dim k-1 is a contiguous range within each run
+    while k > 1 and bounds[k - 1] == (0, shape[k - 1]):
+        k -= 1
+    if k == 0:  # a scalar
+        return [(0, itemsize)], out_shape
+    lo, hi = bounds[k - 1]
+    runs = []
+    for outer in itertools.product(*(range(a, b) for a, b in bounds[:k - 1])):
+        base = sum(i * st for i, st in zip(outer, strides))
+        runs.append((base + lo * strides[k - 1], base + hi * strides[k - 1]))
+    return runs, out_shape
 
 
 def chunk_checksums(data, chunk_bytes: int) -> list[int]:
@@ -92,8 +117,8 @@ def write_safetensors(file: str, tensors: list, chunk_bytes: int | None = None) 
         offset += nbytes
     header = json.dumps(header, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8-byte alignment
-    tmp, sums = file + ".tmp", {}
-    with open(tmp, "wb") as f:
+    sums = {}
+    with storage.writer(file) as f:
         f.write(struct.pack("<Q", len(header)) + header)
         for name, shape, dtype, produce in tensors:
             array = np.asarray(produce()).astype(dtype, order="C", copy=False)
@@ -102,7 +127,4 @@ def write_safetensors(file: str, tensors: list, chunk_bytes: int | None = None) 
             f.write(data)
             if chunk_bytes:
                 sums[name] = chunk_checksums(data, chunk_bytes)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
     return sums if chunk_bytes else None

@@ -5,20 +5,20 @@ ours copies the model file in and records the added tokens in its meta.json (che
 """
 import itertools
 import json
-import os
 import re
-import shutil
 
 import sentencepiece as spm
+
+import storage
 
 class Tokenizer:
     """A sentencepiece model plus added special tokens with ids after the base vocabulary."""
 
     def __init__(self, model_path: str, added_tokens: tuple[str, ...] = ()):
-        if not os.path.isfile(model_path):
+        if not storage.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
-        self.model_path = model_path
-        self.sp = spm.SentencePieceProcessor(model_file=model_path)
+        self.model_path, self.model_proto = model_path, storage.read_bytes(model_path)  # the file's bytes
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         base = self.sp.get_piece_size()
         self.added = {tok: base + i for i, tok in enumerate(added_tokens)}
         self.added_text = {i: tok for tok, i in self.added.items()}
@@ -51,20 +51,18 @@ class Tokenizer:
     def save(self, path: str):
         """Write tokenizer.model (a copy of the file) and, if there are added tokens,
         added_tokens.json into directory `path`, as Hugging Face directories hold them."""
-        shutil.copyfile(self.model_path, os.path.join(path, "tokenizer.model"))
+        storage.write_bytes(storage.join(path, "tokenizer.model"), self.model_proto)
         if self.added:
-            with open(os.path.join(path, "added_tokens.json"), "w") as f:
-                json.dump(self.added, f, indent=2)
+            storage.write_bytes(storage.join(path, "added_tokens.json"), json.dumps(self.added, indent=2).encode())
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
         """The tokenizer of a Hugging Face directory: tokenizer.model and, if present,
         added_tokens.json, whose ids must follow the sentencepiece vocabulary without gaps."""
         added = {}
-        if os.path.isfile(os.path.join(path, "added_tokens.json")):
-            with open(os.path.join(path, "added_tokens.json")) as f:
-                added = json.load(f)
-        tokenizer = cls(os.path.join(path, "tokenizer.model"), added_tokens=tuple(sorted(added, key=added.get)))
+        if storage.isfile(storage.join(path, "added_tokens.json")):
+            added = json.loads(storage.read_bytes(storage.join(path, "added_tokens.json")))
+        tokenizer = cls(storage.join(path, "tokenizer.model"), added_tokens=tuple(sorted(added, key=added.get)))
         if any(tokenizer.added[t] != i for t, i in added.items()):
             raise ValueError(f"{path}/added_tokens.json: ids must follow the sentencepiece vocabulary without gaps")
         return tokenizer

@@ -14,7 +14,6 @@ SIGTERM/SIGINT (preemption) all processes agree on a step, save it and exit 0 (r
 """
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -31,6 +30,7 @@ import hf
 import model
 import recovery
 import sharding
+import storage
 import tracking
 
 # peak dense bf16 FLOP/s per device, by jax's device_kind; unknown (e.g. a CPU) -> no MFU
@@ -185,11 +185,10 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     tx = make_optimizer(cfg)
     main_process = jax.process_index() == 0
     state, reader, data_states = recovery.restore_newest(cfg.out_dir, state_structs(tx, mcfg, mesh), mcfg)
-    os.makedirs(cfg.out_dir, exist_ok=True)  # nothing is written before the checkpoint is known good
+    storage.makedirs(cfg.out_dir)  # nothing is written before the checkpoint is known good
     if main_process:
         print(config.to_json(cfg))
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            f.write(config.to_json(cfg))
+        storage.write_bytes(storage.join(cfg.out_dir, "config.json"), config.to_json(cfg).encode())
         recovery.trim_metrics(cfg.out_dir, reader.meta["step"] if reader else 0)
     tracker = tracking.Tracker(cfg, reader.meta["step"] if reader else 0, main_process)
 

@@ -36,11 +36,11 @@ def make_corpus(root):
 
 
 def write_config(path, corpus, out_dir, **overrides):
-    """A config file for a 16-step run of MICRO on the corpus: 4 devices, 2 microbatches, a record
+    """A config file for a 16-step run of MICRO on the corpus (a folder or a bucket URL): 4 devices, 2 microbatches, a record
     every step, an evaluation at step 8 and 16, a checkpoint every 4 steps."""
     fields = dict(out_dir=str(out_dir), steps=16, warmup_steps=2, lr=3e-3, end_lr=3e-4, batch_size=8,
                   seq_len=32, microbatches=2, mesh=(1, 2, 2), log_every=1, eval_every=8, eval_batches=1,
-                  checkpoint_every=4, keep_checkpoints=10, tokenizer=str(corpus / "tok.model"))
+                  checkpoint_every=4, keep_checkpoints=10, tokenizer=f"{corpus}/tok.model")
     fields.update(overrides)
     path.write_text(textwrap.dedent(f"""
         from config import TrainConfig
@@ -48,8 +48,8 @@ def write_config(path, corpus, out_dir, **overrides):
         from model import Config
         config = TrainConfig(
             model=Config(**{dataclasses.asdict(MICRO)!r}),
-            sources=(Source("code", ({str(corpus / 'code.jsonl')!r},), 10.0, eval_fraction=0.2),
-                     Source("text", ({str(corpus / 'text.jsonl')!r},), 1.0, eval_fraction=0.2)),
+            sources=(Source("code", ({f"{corpus}/code.jsonl"!r},), 10.0, eval_fraction=0.2),
+                     Source("text", ({f"{corpus}/text.jsonl"!r},), 1.0, eval_fraction=0.2)),
             **{fields!r})
     """))
     return str(path)
@@ -67,15 +67,35 @@ data.Loader.__next__ = slow_next
 train.main(sys.argv[1:])
 """
 
-# kills the run with SIGKILL in the middle of its first checkpoint write (shards written, no COMMIT yet)
-KILL_IN_CHECKPOINT = """
-import os, signal, sys, checkpoint, train
-write_json = checkpoint._write_json
-def dying_write_json(path, obj):
-    if path.endswith("COMMIT"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    write_json(path, obj)
-checkpoint._write_json = dying_write_json
+# train.py with a SIGKILL at the n-th occurrence of one event (FAULT="event:n"): "batch" (a batch
+# is fetched: mid-training), "shards" (a process's shards are written, the checkpoint is not
+# committed), "commit" (COMMIT written, the folder not yet renamed), "saved" (the checkpoint is
+# committed and renamed, nothing after it has run), "log" (a metrics record is about to be written)
+FAULT = """
+import os, signal, sys
+import checkpoint, data, recovery, tensorfile, train
+event, at = os.environ["FAULT"].split(":")
+seen = [0]
+def fault(name):
+    if name == event:
+        seen[0] += 1
+        if seen[0] == int(at):
+            os.kill(os.getpid(), signal.SIGKILL)
+def wrap(module, name, before=None, after=None, when=lambda *a: True):
+    original = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        if before and when(*args):
+            fault(before)
+        result = original(*args, **kwargs)
+        if after and when(*args):
+            fault(after)
+        return result
+    setattr(module, name, wrapped)
+wrap(data.Loader, "__next__", before="batch")
+wrap(tensorfile, "write_safetensors", after="shards")
+wrap(checkpoint, "_write_json", after="commit", when=lambda path, obj: path.endswith("COMMIT"))
+wrap(checkpoint, "save", after="saved")
+wrap(recovery, "log_metrics", before="log")
 train.main(sys.argv[1:])
 """
 

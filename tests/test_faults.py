@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import subprocess_env
-from runs import MICRO, SLOW_FEED, run, start, wait_for_step, write_config
+from runs import FAULT, MICRO, SLOW_FEED, run, start, wait_for_step, write_config
 
 import checkpoint
 import config
@@ -22,37 +22,6 @@ import sharding
 import trainer
 from tokenizer import Tokenizer
 
-# train.py with a SIGKILL at the n-th occurrence of one event (FAULT="event:n"): "batch" (a batch
-# is fetched: mid-training), "shards" (a process's shards are written, the checkpoint is not
-# committed), "commit" (COMMIT written, the folder not yet renamed), "saved" (the checkpoint is
-# committed and renamed, nothing after it has run), "log" (a metrics record is about to be written)
-FAULT = """
-import os, signal, sys
-import checkpoint, data, recovery, tensorfile, train
-event, at = os.environ["FAULT"].split(":")
-seen = [0]
-def fault(name):
-    if name == event:
-        seen[0] += 1
-        if seen[0] == int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-def wrap(module, name, before=None, after=None, when=lambda *a: True):
-    original = getattr(module, name)
-    def wrapped(*args, **kwargs):
-        if before and when(*args):
-            fault(before)
-        result = original(*args, **kwargs)
-        if after and when(*args):
-            fault(after)
-        return result
-    setattr(module, name, wrapped)
-wrap(data.Loader, "__next__", before="batch")
-wrap(tensorfile, "write_safetensors", after="shards")
-wrap(checkpoint, "_write_json", after="commit", when=lambda path, obj: path.endswith("COMMIT"))
-wrap(checkpoint, "save", after="saved")
-wrap(recovery, "log_metrics", before="log")
-train.main(sys.argv[1:])
-"""
 
 
 def saved_arrays(path) -> dict:

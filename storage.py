@@ -1,0 +1,210 @@
+"""Where files live: a local path goes through os and open; a URL (gs://bucket/dir, s3://..., any
+scheme fsspec knows) goes through fsspec. Remote storage is optional: `fsspec` and the scheme's
+package (gcsfs for gs://) are needed only when a URL is used (requirements-cloud.txt).
+
+The rest of the code asks this module, never os, about paths it did not create itself, and relies
+on three promises that hold on a disk and on an object store alike:
+- `writer(path)` makes a file appear whole or not at all. On a disk: a temporary file, fsynced,
+  renamed into place. On an object store an upload becomes visible only when it completes, so the
+  object is written in place; a failed upload is discarded, a killed one never completes.
+- There is no rename and no append on an object store: nothing here offers them. Directories that
+  must appear at once (checkpoints) are committed by a marker file written last (checkpoint.py);
+  metrics.jsonl is rewritten whole (recovery.py).
+- Reads fetch only what they need: `read_ranges` fetches the byte ranges asked for (nearby ranges
+  merged into one request), `open` streams with range requests, so a host reading its slice of a
+  70B checkpoint or one column of a parquet file does not download whole objects.
+
+Listings are not cached: several hosts write the same bucket, and a stale listing would hide a
+checkpoint another host just committed.
+"""
+import builtins
+import contextlib
+import functools
+import glob as _glob
+import os
+import posixpath
+import shutil
+
+MERGE_GAP = 1 << 20  # byte ranges closer than this are fetched in one request
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+@functools.cache
+def _filesystem(protocol: str):
+    try:
+        import fsspec
+    except ImportError:
+        raise ImportError(f"install fsspec (and gcsfs for gs://) to use {protocol}:// paths: "
+                          "pip install -r requirements-cloud.txt") from None
+    try:
+        return fsspec.filesystem(protocol, use_listings_cache=False)
+    except (ImportError, ValueError) as e:  # fsspec names the package a protocol needs
+        raise ImportError(f"cannot use {protocol}:// paths: {e} (pip install -r requirements-cloud.txt)") from None
+
+
+def _fs(path: str):
+    return _filesystem(path.split("://", 1)[0])
+
+
+def join(path: str, *parts: str) -> str:
+    return posixpath.join(path, *parts) if is_remote(path) else os.path.join(path, *parts)
+
+
+def parent(path: str) -> str:
+    return posixpath.dirname(path.rstrip("/")) if is_remote(path) else os.path.dirname(os.path.abspath(path))
+
+
+def exists(path: str) -> bool:
+    return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
+
+
+def isfile(path: str) -> bool:
+    return _fs(path).isfile(path) if is_remote(path) else os.path.isfile(path)
+
+
+def isdir(path: str) -> bool:
+    return _fs(path).isdir(path) if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(path: str) -> list[str]:
+    """Names in directory `path` ([] if there is none)."""
+    if not is_remote(path):
+        return os.listdir(path) if os.path.isdir(path) else []
+    fs = _fs(path)
+    try:
+        return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def glob(pattern: str) -> list[str]:
+    """Paths matching `pattern` (`**` spans folders), URLs for a URL pattern."""
+    if not is_remote(pattern):
+        return _glob.glob(pattern, recursive=True)
+    protocol = pattern.split("://", 1)[0]
+    return [f"{protocol}://{p}" for p in _fs(pattern).glob(pattern)]
+
+
+def makedirs(path: str):
+    """A directory (nothing to do on an object store, where folders are name prefixes)."""
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str):
+    _fs(path).rm_file(path) if is_remote(path) else os.remove(path)
+
+
+def rmtree(path: str):
+    if not is_remote(path):
+        shutil.rmtree(path)
+    elif exists(path):
+        _fs(path).rm(path, recursive=True)
+
+
+def rename(src: str, dst: str):
+    """A local rename (atomic). Object stores have none: callers commit with a marker instead."""
+    if is_remote(src) or is_remote(dst):
+        raise ValueError(f"cannot rename {src} -> {dst}: object stores have no atomic rename")
+    os.replace(src, dst)
+
+
+def copytree(src: str, dst: str):
+    """Copy a folder (on an object store, server-side, object by object)."""
+    if is_remote(src) and is_remote(dst):
+        _fs(src).copy(src.rstrip("/") + "/", dst.rstrip("/") + "/", recursive=True)
+    elif not is_remote(src) and not is_remote(dst):
+        shutil.copytree(src, dst)
+    else:
+        raise ValueError(f"cannot copy {src} -> {dst} across storages")
+
+
+def size(path: str) -> int:
+    return _fs(path).size(path) if is_remote(path) else os.path.getsize(path)
+
+
+def open(path: str, mode: str = "rb", **kwargs):
+    """A file object; remote reads fetch ranges as they go (no whole-object download)."""
+    if is_remote(path):
+        return _fs(path).open(path, mode, **kwargs)
+    return builtins.open(path, mode, **kwargs)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def read_ranges(path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+    """Bytes [start, stop) of `path` for each range; remote: ranges closer than MERGE_GAP are
+    fetched in one request, requests run concurrently."""
+    if not ranges:
+        return []
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            out = []
+            for start, stop in ranges:
+                f.seek(start)
+                out.append(f.read(stop - start))
+            return out
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i])
+    merged = []  # [start, stop, [range indices]]
+    for i in order:
+        start, stop = ranges[i]
+        if merged and start - merged[-1][1] <= MERGE_GAP:
+            merged[-1][1] = max(merged[-1][1], stop)
+            merged[-1][2].append(i)
+        else:
+            merged.append([start, stop, [i]])
+    blocks = _fs(path).cat_ranges([path] * len(merged), [m[0] for m in merged], [m[1] for m in merged])
+    out = [b""] * len(ranges)
+    for (start, _, members), block in zip(merged, blocks):
+        if isinstance(block, Exception):
+            raise block
+        for i in members:
+            out[i] = block[ranges[i][0] - start:ranges[i][1] - start]
+    return out
+
+
+@contextlib.contextmanager
+def writer(path: str, mode: str = "wb"):
+    """A file that appears at `path` whole when the block ends without an error, or not at all."""
+    if is_remote(path):
+        f = _fs(path).open(path, mode)
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # an upload in progress is cancelled,
+            f.closed = True  # and the buffered rest is never sent: the object does not appear
+            raise
+        f.close()
+        return
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path: str, data: bytes):
+    with writer(path) as f:
+        f.write(data)
+
+
+def sync_dir(path: str):
+    """Make renames and new names in a local directory durable (object stores: nothing to do)."""
+    if is_remote(path):
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
