@@ -215,18 +215,45 @@ def _parse(value: str, typ, key: str):
 
 
 def apply_overrides(cfg, args: list[str]):
-    """Return `cfg` with `--key=value` overrides applied, each checked against the field's type."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    """Return `cfg` with `--key=value` overrides applied in order, each checked against the field's
+    type. Two kinds of key reach inside a field: `--sources.NAME.FIELD=value` changes one source
+    (`--sources.code.weight=3`: how data mixtures are swept) and `--model.FIELD=value` the model
+    config (a preset is resolved first: `--model.n_layers=4`)."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
     hints = typing.get_type_hints(type(cfg))
-    changes = {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"override {arg!r} must look like --key=value")
         key, value = arg[2:].split("=", 1)
-        if key not in fields:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
-        changes[key] = _parse(value, hints[key], key)
-    return dataclasses.replace(cfg, **changes)
+        head, _, rest = key.partition(".")
+        if head == "sources" and rest:
+            cfg = dataclasses.replace(cfg, sources=_override_source(cfg.sources, rest, value, key))
+        elif head == "model" and rest:
+            mcfg = model_config(cfg)
+            cfg = dataclasses.replace(cfg, model=_override_field(mcfg, rest, value, key, "model"))
+        elif key in fields:
+            cfg = dataclasses.replace(cfg, **{key: _parse(value, hints[key], key)})
+        else:
+            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}, "
+                             "sources.NAME.FIELD, model.FIELD")
+    return cfg
+
+
+def _override_field(obj, field: str, value: str, key: str, what: str):
+    """obj (a frozen dataclass) with one field parsed from the command line."""
+    hints = typing.get_type_hints(type(obj))
+    if field not in hints:
+        raise ValueError(f"--{key}: {what} has no field {field!r}; its fields: {', '.join(hints)}")
+    return dataclasses.replace(obj, **{field: _parse(value, hints[field], key)})
+
+
+def _override_source(sources: tuple, rest: str, value: str, key: str) -> tuple:
+    name, _, field = rest.rpartition(".")
+    names = [s.name for s in sources]
+    if name not in names:
+        raise ValueError(f"--{key}: no source named {name!r} in the config (its sources: "
+                         f"{', '.join(names) or 'none, i.e. the demo corpus: name them in the config file'})")
+    return tuple(_override_field(s, field, value, key, f"source {name!r}") if s.name == name else s for s in sources)
 
 
 def load(path: str, overrides: list[str] = ()):

@@ -18,7 +18,8 @@ seed: changing it changes the data order.
 
 Mixture: rows are equally long, so token shares are row shares. Row m of every stream comes from
 the source furthest below its weight so far (largest deficit first, no RNG): shares are right to
-within a row whatever the document lengths. A stream that runs out of a source starts a new epoch
+within a row whatever the document lengths. A source of weight 0 is never picked (its deficit is
+never the largest), so it is evaluated but never trained on. A stream that runs out of a source starts a new epoch
 over its files in an order seeded by (seed, source, stream, epoch).
 
 Position: batch k is a pure function of (seed, k, sources, S). `state()` is a small JSON dict: the
@@ -161,6 +162,8 @@ class Loader:
                  num_streams=None, prefetch=4, state=None):
         if not sources or len({s.name for s in sources}) != len(sources):
             raise ValueError("need at least one source, with distinct names")
+        if not any(s.weight for s in sources):
+            raise ValueError(f"sources {[s.name for s in sources]}: all have weight 0, nothing to train on")
         num_streams = num_streams or math.gcd(batch_size, 64)
         if batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must divide by process_count {process_count}")

@@ -41,20 +41,20 @@ CHAT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
 @dataclasses.dataclass(frozen=True)
 class Source:
     """A named set of files. Pretraining: `weight` is its share of training tokens relative to the
-    other sources and `field` names the text in each record (The Stack and RefinedWeb use
-    "content", RedPajama "text"). Chat data: `weight` is how many times each example is seen per
+    other sources (0: evaluated, never trained on) and `field` names the text in each record (The
+    Stack and RefinedWeb use "content", RedPajama "text"). Chat data: `weight` is how many times each example is seen per
     epoch and `field` is unused (the layout is detected per record)."""
     name: str
     paths: tuple[str, ...]  # globs
-    weight: float
+    weight: float  # 0: held out and evaluated, never trained on (an ablation's control)
     field: str = "text"
     eval_fraction: float = 0.01  # records held out for evaluation
 
     def __post_init__(self):
         if isinstance(self.paths, str):
             raise TypeError(f"source {self.name!r}: paths must be a tuple of globs, not a string")
-        if not (math.isfinite(self.weight) and self.weight > 0):
-            raise ValueError(f"source {self.name!r}: weight must be a finite number > 0, got {self.weight}")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"source {self.name!r}: weight must be a finite number >= 0, got {self.weight}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"source {self.name!r}: eval_fraction must be in [0, 1), got {self.eval_fraction}")
 

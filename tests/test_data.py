@@ -250,9 +250,11 @@ def test_configuration_errors(tmp_path, tok_path):
     for src, message in cases:
         with pytest.raises((ValueError, OSError), match=message):
             Loader([src], tok, 16, 2)
-    for weight in (0.0, -1.0, float("nan"), float("inf")):  # NaN or inf would give every row to one source
-        with pytest.raises(ValueError, match="source 's': weight must be a finite number > 0"):
+    for weight in (-1.0, float("nan"), float("inf")):  # NaN or inf would give every row to one source
+        with pytest.raises(ValueError, match="source 's': weight must be a finite number >= 0"):
             Source("s", (good,), weight)
+    with pytest.raises(ValueError, match="all have weight 0"):  # weight 0 alone: evaluated, never trained on
+        Loader([Source("s", (good,), 0.0)], tok, 16, 2)
     with pytest.raises(TypeError, match="paths must be a tuple"):
         Source("s", good, 1.0)
     with pytest.raises(FileNotFoundError, match="tokenizer"):

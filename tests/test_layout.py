@@ -59,7 +59,7 @@ LAYERS = [
     ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
     ("data", {"records", "chat", "demo", "data"}),
     ("the loop", {"recovery", "tracking", "trainer"}),
-    ("entry points", {"train", "sft", "sample", "convert", "aot", "plot"}),
+    ("entry points", {"train", "sft", "sample", "convert", "aot", "plot", "ablate"}),
 ]
 
 
