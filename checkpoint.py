@@ -22,8 +22,8 @@ runs out_dir must be storage every process sees: a bucket URL or a shared file s
 
 Integrity: `Reader` verifies what it reads. A slice of a saved tensor verifies the chunks its bytes
 lie in, each once, so a restore onto another mesh checks only its own share and no host re-reads
-other hosts' files whole (on an object store the slice is cut from the verified chunks: each byte
-is fetched once); JSON files and the tokenizer are verified whole; a checksum file carries
+other hosts' files whole (on an object store a slice is cut from the verified chunks it was
+checked in: one request a slice); JSON files and the tokenizer are verified whole; a checksum file carries
 its own CRC. A mismatch, a file cut short, a garbled header or JSON raise CheckpointError naming
 the file (trainer.py then falls back to an older checkpoint). Checkpoints written before checksums
 (their COMMIT lists none) restore with a warning, unverified.
@@ -54,6 +54,7 @@ from tokenizer import Tokenizer
 
 log = logging.getLogger("checkpoint")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_DIR = re.compile(r"^step_\d{8}\.tmp$")
 CHUNK_BYTES = 64 << 20  # the grain of shard checksums: a restore verifies whole chunks
 
 
@@ -65,6 +66,13 @@ def _barrier(name: str):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def _damage(e: OSError, path: str) -> bool:
+    """Whether a failed read means a damaged checkpoint: a missing file, or any error of a local
+    file. Other errors of an object store (timeouts, connections) pass through: recovery.py must
+    not set a good checkpoint aside because the network failed."""
+    return isinstance(e, FileNotFoundError) or not storage.is_remote(path)
 
 
 def _write_bytes(path: str, data: bytes) -> int:
@@ -143,7 +151,7 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
         storage.makedirs(out_dir)
         for name in storage.listdir(out_dir):  # leftovers of an interrupted save
             uncommitted = _STEP_DIR.match(name) and not storage.exists(storage.join(out_dir, name, "COMMIT"))
-            if name.endswith(".tmp") or uncommitted:
+            if _TMP_DIR.match(name) or uncommitted:
                 storage.rmtree(storage.join(out_dir, name))
         storage.makedirs(tmp)
     _barrier(f"ckpt-{step}-mkdir")
@@ -206,6 +214,8 @@ class Reader:
         try:
             self.saved = tensorfile.SafetensorsDir(path)
         except (OSError, ValueError) as e:
+            if isinstance(e, OSError) and not _damage(e, path):
+                raise
             raise CheckpointError(str(e)) from None
         self.pieces = {}  # array path -> [(bounds per dim, entry name)]
         for name in self.saved.entries:
@@ -221,6 +231,8 @@ class Reader:
         try:
             data = storage.read_bytes(file)
         except OSError as e:
+            if not _damage(e, file):
+                raise
             raise CheckpointError(f"{file}: unreadable ({e})") from None
         if self.checksums is not None and name in self.checksums and zlib.crc32(data) != self.checksums[name]:
             raise CheckpointError(f"{file}: checksum mismatch (the file is corrupt)")

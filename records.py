@@ -102,8 +102,10 @@ def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
             raise ValueError(f"{path}: unknown format (expected one of {', '.join(formats)})")
         if path.endswith((".zst", ".parquet")):
             optional("zstandard" if path.endswith(".zst") else "pyarrow.parquet", f"read {path}")
+        if storage.is_remote(path):
+            continue  # listed by the glob; a request per file of thousands of shards on every host is not worth it
         try:
-            storage.open(path, "rb").close()
+            open(path, "rb").close()
         except OSError as e:
             raise OSError(f"source {src.name!r}: cannot read {path}: {e}") from None
     return sorted(found)

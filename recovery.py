@@ -6,8 +6,13 @@
 - metrics.jsonl holds exactly one record per logged step, whatever the kills: every start trims it
   to the step it starts from (0 on a fresh start), and the loop writes a step's record before any
   checkpoint of that step commits. On a disk records are appended; an object store has no append,
-  so there the file is rewritten whole at each logged step (an object appears whole or not at all:
-  a kill leaves the previous version; ~150 bytes a record, a few MB after 20k logged steps).
+  so there the file is rewritten whole (an object appears whole or not at all: a kill leaves the
+  previous version; ~150 bytes a record, a few MB after 20k logged steps), at most every
+  METRICS_REWRITE_SECONDS (GCS takes about one write a second to an object) and before every
+  checkpoint; records a kill loses are of steps past the last checkpoint, which are redone.
+- Resume tells damage from a network error: a checkpoint that fails its checks is set aside, but
+  a read of an object store that fails after gcsfs's retries stops the run, setting nothing aside
+  (start it again), so a passing network fault never costs the newest checkpoint.
 - Resuming takes the newest checkpoint that verifies (checksums, readable files, finite values),
   agreed by every process; newer ones that do not are set aside (`step_X.corrupt`), and if none
   verifies the run stops naming them, rather than starting over. A checkpoint of another model
@@ -16,6 +21,7 @@
 import dataclasses
 import json
 import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -48,17 +54,28 @@ def everywhere(flag: bool) -> bool:
 
 # ----------------------------------------------------------------------------- metrics.jsonl
 
-_remote_metrics = {}  # path -> the whole metrics.jsonl of a run on an object store (no append there)
+METRICS_REWRITE_SECONDS = 5.0
+_remote_metrics = {}  # path -> [the whole metrics.jsonl of a run on an object store, when last written]
 
 
 def log_metrics(out_dir: str, record: dict):
     path, line = storage.join(out_dir, "metrics.jsonl"), json.dumps(record) + "\n"
     if storage.is_remote(path):
-        _remote_metrics[path] = _remote_metrics.get(path, "") + line
-        storage.write_bytes(path, _remote_metrics[path].encode())
+        held = _remote_metrics.setdefault(path, ["", 0.0])
+        held[0] += line
+        if time.monotonic() - held[1] >= METRICS_REWRITE_SECONDS:
+            flush_metrics(out_dir)
         return
     with open(path, "a") as f:
         f.write(line)
+
+
+def flush_metrics(out_dir: str):
+    """Write the records log_metrics holds back on an object store (nothing to do on a disk)."""
+    path = storage.join(out_dir, "metrics.jsonl")
+    if path in _remote_metrics:
+        storage.write_bytes(path, _remote_metrics[path][0].encode())
+        _remote_metrics[path][1] = time.monotonic()
 
 
 def trim_metrics(out_dir: str, step: int):
@@ -72,9 +89,10 @@ def trim_metrics(out_dir: str, step: int):
                 keep.append(line if line.endswith("\n") else line + "\n")
         except (ValueError, KeyError, TypeError):
             pass
-    _remote_metrics[path] = "".join(keep)
+    if storage.is_remote(path):
+        _remote_metrics[path] = ["".join(keep), 0.0]
     if storage.exists(path):
-        storage.write_bytes(path, _remote_metrics[path].encode())
+        storage.write_bytes(path, "".join(keep).encode())
 
 
 # ----------------------------------------------------------------------------- resume
@@ -102,7 +120,7 @@ def restore_newest(out_dir: str, structs, mcfg: model.Config):
     failures = []
     for step in reversed(checkpoint.committed(out_dir)):
         path = checkpoint.step_dir(out_dir, step)
-        state = reader = data_states = error = None
+        state = reader = data_states = error = network = None
         try:
             reader = checkpoint.Reader(path)
             check_same_model(reader.model_config(), mcfg, path)
@@ -110,8 +128,16 @@ def restore_newest(out_dir: str, structs, mcfg: model.Config):
             data_states = reader.data_states()
             if bad := nonfinite_paths(state):
                 raise checkpoint.CheckpointError(f"{path}: non-finite values in {', '.join(bad[:4])}")
-        except (checkpoint.CheckpointError, OSError) as e:
+        except checkpoint.CheckpointError as e:
             error = str(e)
+        except OSError as e:  # a missing file is damage; any other I/O error of an object store may pass
+            if isinstance(e, FileNotFoundError) or not storage.is_remote(path):
+                error = str(e)
+            else:
+                network = f"{type(e).__name__}: {e}"
+        if not everywhere(network is None):
+            raise SystemExit(f"reading {path} failed " + (f"({network})" if network else "on another process")
+                             + "; that is no sign of damage, so nothing was set aside: start the run again")
         if everywhere(error is None):
             for failed, why in failures:
                 if jax.process_index() == 0:

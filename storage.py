@@ -25,7 +25,9 @@ import os
 import posixpath
 import shutil
 
-MERGE_GAP = 1 << 20  # byte ranges closer than this are fetched in one request
+# byte ranges closer than this are fetched in one request: a host's column block of a weight is
+# one short range per row, and thousands of tiny requests cost more than the gaps between them
+MERGE_GAP = 1 << 20
 
 
 def is_remote(path: str) -> bool:
@@ -73,11 +75,12 @@ def listdir(path: str) -> list[str]:
     """Names in directory `path` ([] if there is none)."""
     if not is_remote(path):
         return os.listdir(path) if os.path.isdir(path) else []
-    fs = _fs(path)
+    fs, own = _fs(path), path.split("://", 1)[1].rstrip("/")
     try:
-        return [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+        found = [p.rstrip("/") for p in fs.ls(path, detail=False)]
     except FileNotFoundError:
         return []
+    return [posixpath.basename(p) for p in found if p != own]  # not a "folder/" placeholder object
 
 
 def glob(pattern: str) -> list[str]:
@@ -177,8 +180,10 @@ def writer(path: str, mode: str = "wb"):
         try:
             yield f
         except BaseException:
-            f.discard()  # an upload in progress is cancelled,
-            f.closed = True  # and the buffered rest is never sent: the object does not appear
+            try:
+                f.discard()  # an upload in progress is cancelled,
+            finally:
+                f.closed = True  # and the buffered rest is never sent: the object does not appear
             raise
         f.close()
         return

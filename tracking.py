@@ -18,10 +18,12 @@ train/skipped, eval/<source>; the step is the x axis.
 import io
 import json
 import os
+import time
 import uuid
 
 import config
 import records
+import recovery
 import storage
 
 
@@ -91,7 +93,7 @@ class _TensorBoard:
 
 class _ObjectStoreEvents:
     """tensorboardX's writer factory for an object store: an event file kept in memory and
-    written whole at each flush."""
+    written whole at a flush, at most every recovery.METRICS_REWRITE_SECONDS (and at close)."""
 
     @staticmethod
     def directory_check(path):
@@ -102,16 +104,18 @@ class _ObjectStoreEvents:
         return _ObjectStoreEvents(path)
 
     def __init__(self, path):
-        self.path, self.buffer = path, io.BytesIO()
+        self.path, self.buffer, self.written = path, io.BytesIO(), 0.0
 
     def write(self, data):
         self.buffer.write(data)
 
-    def flush(self):
-        storage.write_bytes(self.path, self.buffer.getvalue())
+    def flush(self, force=False):
+        if force or time.monotonic() - self.written >= recovery.METRICS_REWRITE_SECONDS:
+            storage.write_bytes(self.path, self.buffer.getvalue())
+            self.written = time.monotonic()
 
     def close(self):
-        self.flush()
+        self.flush(force=True)
 
 
 class _WandB:

@@ -226,6 +226,8 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
             return
         meta = {"config": json.loads(config.to_json(cfg)), "model": dataclasses.asdict(mcfg), "seed": cfg.seed,
                 "loop": {"nonfinite": nonfinite, "interval_losses": interval_losses}}
+        if main_process:
+            recovery.flush_metrics(cfg.out_dir)  # every record up to `step` is written before it commits
         checkpoint.save(cfg.out_dir, step, state, loader.state(), meta, cfg.keep_checkpoints, loader.tokenizer)
 
     def evaluate(step):
@@ -297,6 +299,8 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
             break
     if pending is not None:
         report(*pending)
+    if main_process:
+        recovery.flush_metrics(cfg.out_dir)
     loader.close()
     tracker.close()
     if cfg.sample_prompt and int(state["step"]) == cfg.steps:

@@ -236,6 +236,8 @@ def test_a_save_clears_uncommitted_leftovers_and_keeps_the_newest(one_checkpoint
     out_dir = os.path.dirname(path)
     for leftover in ("step_00000009", "step_00000003.tmp"):  # a folder without COMMIT, a half-written save
         os.makedirs(os.path.join(out_dir, leftover))
+    with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:  # another file's torn write: not ours
+        f.write("{")
     params = sharding.init_params_sharded(MICRO, mesh, jax.random.key(0))
     checkpoint.save(out_dir, 2, {"params": params}, {}, {"model": dataclasses.asdict(MICRO)}, keep=1)
-    assert sorted(os.listdir(out_dir)) == ["step_00000002"]
+    assert sorted(os.listdir(out_dir)) == ["config.json.tmp", "step_00000002"]

@@ -168,20 +168,31 @@ def test_a_run_in_a_bucket_killed_mid_checkpoint_equals_the_run_on_disk(gcs, cor
         np.testing.assert_array_equal(np.asarray(value), saved.read("params/" + key), err_msg=key)
 
 
-def test_a_checkpoint_that_does_not_verify_is_set_aside_without_rename(gcs):
-    """In a bucket there is no rename: the damaged newest checkpoint is copied to .corrupt, then
-    deleted, and the resume falls back to the one before."""
+def test_a_checkpoint_that_does_not_verify_is_set_aside_without_rename(gcs, monkeypatch):
+    """A read that fails with a network error stops the resume and sets nothing aside; a damaged
+    newest checkpoint is copied to .corrupt, then deleted (no rename in a bucket), and the resume
+    falls back to the one before."""
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     out_dir, meta = f"{BUCKET}/fallback", {"model": dataclasses.asdict(MICRO)}
     for step in (1, 2):
         state = {"w": jax.device_put(np.full((64, 64), step, np.float32), spec)}
         checkpoint.save(out_dir, step, state, {}, meta, keep=2)
+    structs = {"w": jax.ShapeDtypeStruct((64, 64), np.float32, sharding=spec)}
+    read_ranges = storage.read_ranges
+
+    def timing_out(path, ranges):
+        raise TimeoutError("the read timed out")  # what aiohttp raises after gcsfs's retries
+    monkeypatch.setattr(storage, "read_ranges", timing_out)
+    with pytest.raises(SystemExit, match="TimeoutError: the read timed out.*nothing was set aside"):
+        recovery.restore_newest(out_dir, structs, MICRO)
+    monkeypatch.setattr(storage, "read_ranges", read_ranges)
+    assert checkpoint.committed(out_dir) == [1, 2]
+
     shards = f"{out_dir}/step_00000002/shards.p00000.safetensors"
     data = bytearray(storage.read_bytes(shards))
     data[-1] ^= 0xFF
     storage.write_bytes(shards, bytes(data))
-    structs = {"w": jax.ShapeDtypeStruct((64, 64), np.float32, sharding=spec)}
     state, reader, _ = recovery.restore_newest(out_dir, structs, MICRO)
     assert reader.meta["step"] == 1 and float(state["w"][0, 0]) == 1.0
     assert checkpoint.committed(out_dir) == [1]
