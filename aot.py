@@ -3,6 +3,12 @@ it fits in HBM, with an analytic MFU estimate.
 
     python aot.py configs/lemur70b.py --topology=v4-512 [--microbatches=4 --mesh=1,32,8 ...]
     python train.py configs/lemur70b.py --aot=v4-512          # the same, via train.py
+    python aot.py --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]
+
+--generate compiles serving.py's step as a prefill chunk (--chunk prompt tokens per row) and as a
+decode step (one token per row), against a KV cache of --context positions, for Llama-2-70B with
+Lemur-Chat's vocabulary (32064) on a tensor-parallel mesh (1, 1, chips), and reports the HBM per
+chip of each.
 
 libtpu (`pip install jax[tpu]`) describes the slice's chips without any being attached
 (jax.experimental.topologies); the real step of trainer.py (forward, backward, gradient
@@ -29,6 +35,7 @@ collectives assumed to overlap with compute, comms of different axes summed):
   MFU                  = (model FLOPs / (chips x peak)) / max(compute time, comm time)
 M microbatches, W the ICI bandwidth of one axis (bytes/s). Axes of size 1 cost nothing.
 """
+import dataclasses
 import json
 import math
 import os
@@ -44,6 +51,7 @@ from jax.experimental import topologies  # noqa: E402
 
 import config  # noqa: E402
 import model  # noqa: E402
+import serving  # noqa: E402
 import sharding  # noqa: E402
 import trainer  # noqa: E402
 
@@ -135,12 +143,8 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
     # which attention the TPU program runs, read from the compiled program, not assumed from the config
     kernels = sorted(set(re.findall(r"splash_mha_\w+", compiled.as_text())))
     result["attention"], result["attention_kernels"] = ("splash" if kernels else "jnp"), kernels
-    m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    result["hbm_bytes"] = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-                           "temp": m.temp_size_in_bytes, "alias": -m.alias_size_in_bytes, "total": total}
-    result["hbm_per_chip_gib"] = round(total / GIB, 2)
-    result["fits"] = total <= spec["hbm_gib"] * GIB
+    result.update(hbm(compiled, spec))
+    total = result["hbm_bytes"]["total"]
     print(f"{tcfg.model} on {topology} ({spec['topology']}, {spec['chips']} chips), mesh (data, fsdp, tensor) = "
           f"{tuple(tcfg.mesh)}, {tcfg.microbatches} microbatches of {rows} x {tcfg.seq_len} tokens, "
           f"attention {result['attention']} ({', '.join(kernels) or 'jnp ops'})")
@@ -152,10 +156,52 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
     return result
 
 
+def hbm(compiled, spec: dict) -> dict:
+    """Per-chip HBM of a compiled program: arguments + outputs + temporaries - aliased (donated)."""
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    return {"hbm_bytes": {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+                          "temp": m.temp_size_in_bytes, "alias": -m.alias_size_in_bytes, "total": total},
+            "hbm_per_chip_gib": round(total / GIB, 2), "fits": total <= spec["hbm_gib"] * GIB}
+
+
+def compile_generate(topology: str, batch: int = 8, context: int = 4096, chunk: int = 512,
+                     mcfg: model.Config = dataclasses.replace(model.LLAMA2_70B, vocab_size=32064)) -> dict:
+    """Compile serving.py's step as a prefill chunk (`chunk` prompt tokens a row) and as a decode
+    step, against a cache of `context` positions, for the slice (mesh (1, 1, chips)); print and
+    return the HBM per chip of each, and whether both fit."""
+    spec = slice_spec(topology)
+    mesh = sharding.make_mesh(1, 1, spec["chips"], devices=topology_devices(spec))
+    serving.check(mcfg, mesh.shape)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH))
+    cache = jax.ShapeDtypeStruct((mcfg.n_layers, batch, context, serving.cache_heads(mcfg, spec["chips"]), mcfg.head_dim),
+                                 jnp.dtype(mcfg.dtype), sharding=jax.sharding.NamedSharding(mesh, serving.cache_spec()))
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
+    opts = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+    result = {"topology": topology, "chips": spec["chips"], "mesh": [1, 1, spec["chips"]], "batch": batch,
+              "context": context, "prefill_chunk": chunk, "hbm_capacity_gib": spec["hbm_gib"],
+              "params_gib": round(model.param_count(mcfg) * jnp.dtype(mcfg.dtype).itemsize / spec["chips"] / GIB, 2)}
+    for name, tokens in (("prefill", ints(batch, chunk)), ("decode", ints(batch, 1))):
+        start = time.time()
+        compiled = serving.step.lower(serving.param_structs(mcfg, mesh), tokens, ints(batch), {"k": cache, "v": cache},
+                                      ints(batch), jax.random.key(0), opts, cfg=mcfg, mesh=mesh,
+                                      vocab_size=mcfg.vocab_size).compile()
+        result[name] = {**hbm(compiled, spec), "compile_seconds": round(time.time() - start, 1)}
+        print(f"{name}: {result[name]['hbm_per_chip_gib']:.2f} GiB per chip of {spec['hbm_gib']} "
+              f"({'fits' if result[name]['fits'] else 'does not fit'})")
+    result["fits"] = result["prefill"]["fits"] and result["decode"]["fits"]
+    print(json.dumps(result))
+    return result
+
+
 def main(argv):
-    topology = [a.split("=", 1)[1] for a in argv[1:] if a.startswith("--topology=")]
+    topology = [a.split("=", 1)[1] for a in argv if a.startswith("--topology=")]
+    if "--generate" in argv and len(topology) == 1:
+        sizes = {a[2:].split("=")[0]: int(a.split("=")[1]) for a in argv if a.startswith(("--batch=", "--context=", "--chunk="))}
+        return compile_generate(topology[0], **sizes)
     if not argv or argv[0].startswith("--") or len(topology) != 1:
-        raise SystemExit("usage: python aot.py CONFIG --topology=v4-512 [--key=value ...]")
+        raise SystemExit("usage: python aot.py CONFIG --topology=v4-512 [--key=value ...]\n"
+                         "       python aot.py --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]")
     tcfg = config.load(argv[0], [a for a in argv[1:] if not a.startswith("--topology=")])
     return compile_train_step(tcfg, topology[0])
 

@@ -31,6 +31,12 @@ from records import BadRecord
 from tokenizer import Tokenizer
 
 CHAT_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>")
+# ChatML as encode_turns writes it, for Hugging Face's apply_chat_template (exports carry it in
+# tokenizer_config.json): bos, `<|im_start|>{role}\n{content}<|im_end|>\n` per turn, and with
+# add_generation_prompt the opening of the assistant's turn, which is encode_prompt
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 VOCAB_MULTIPLE = 64
 
@@ -40,6 +46,10 @@ VOCAB_MULTIPLE = 64
 def chat_tokenizer(model_path: str) -> Tokenizer:
     """The base sentencepiece model with Lemur-Chat's added tokens (ids right after its vocab)."""
     return Tokenizer(model_path, added_tokens=CHAT_TOKENS)
+
+
+def is_chat(tokenizer: Tokenizer) -> bool:
+    return "<|im_start|>" in tokenizer.added and "<|im_end|>" in tokenizer.added
 
 
 def padded_vocab(tokenizer: Tokenizer) -> int:

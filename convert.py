@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 
+import chat
 import checkpoint
 import data
 import hf
@@ -55,7 +56,8 @@ def main(argv):
         storage.remove(storage.join(args.dst, name))
     params = hf.unflatten((key, _SavedParam(reader, "params/" + key)) for key, _ in hf.flatten(model.param_shapes(cfg)))
     hf.save_hf(params, cfg, args.dst, args.dtype)
-    data.checkpoint_tokenizer(reader).save(args.dst)  # the run's tokenizer goes along: the directory is complete
+    tokenizer = data.checkpoint_tokenizer(reader)  # the run's tokenizer goes along: the directory is complete
+    tokenizer.save(args.dst, chat.CHAT_TEMPLATE if chat.is_chat(tokenizer) else None)
     print(f"wrote {args.dst} from {reader.path} ({model.param_count(cfg):,} params)")
 
 

@@ -49,7 +49,7 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # buffers some old checkpoints ca
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}  # of saved weights
 # what an export writes: save_hf's weights, index and config, and the tokenizer beside them
 _EXPORT_FILE = re.compile(r"^(model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json"
-                          r"|tokenizer\.model|added_tokens\.json)$")
+                          r"|tokenizer\.model|added_tokens\.json|tokenizer_config\.json)$")
 
 
 def export_files(path: str) -> list[str]:
@@ -173,8 +173,9 @@ def _check_tensors(ckpt: SafetensorsDir, cfg: model.Config, path: str):
 
 # ----------------------------------------------------------------------------- load / save
 
-def load_hf(path: str, shardings=None):
-    """Read a Hugging Face Llama directory -> (cfg, params) with fp32 params.
+def load_hf(path: str, shardings=None, dtype=np.float32):
+    """Read a Hugging Face Llama directory -> (cfg, params), params in `dtype` (fp32: training;
+    the compute dtype for serving.py, cast slice by slice as read).
 
     With `shardings` (a tree of jax.sharding.Sharding shaped like the params), every param is built
     with jax.make_array_from_callback: each process reads only the slices its devices hold.
@@ -187,9 +188,9 @@ def load_hf(path: str, shardings=None):
     def read(key, shape, index):
         template = _LAYOUT[key][0]
         if not key.startswith("layers/"):
-            return _read(ckpt, template, key, shape, index).astype(np.float32)
+            return _read(ckpt, template, key, shape, index).astype(dtype)
         layers = range(*index[0].indices(shape[0]))  # stacked: one HF tensor per layer
-        return np.stack([_read(ckpt, template.format(i), key, shape[1:], index[1:]) for i in layers]).astype(np.float32)
+        return np.stack([_read(ckpt, template.format(i), key, shape[1:], index[1:]) for i in layers]).astype(dtype)
 
     params = []
     for key, shape in flatten(model.param_shapes(cfg)):

@@ -157,17 +157,19 @@ def rope_tables(positions, head_dim, theta):
     of the rotation itself on a CPU)."""
     xp = np if isinstance(positions, np.ndarray) else jnp
     inv_freq = 1.0 / theta ** (xp.arange(0, head_dim, 2, dtype=xp.float32) / head_dim)
-    angles = positions.astype(xp.float32)[:, None] * inv_freq[None, :]  # (T, H/2)
-    angles = xp.concatenate([angles, angles], axis=-1)  # (T, H)
+    angles = positions.astype(xp.float32)[..., None] * inv_freq  # (T, H/2), or (B, T, H/2) per row
+    angles = xp.concatenate([angles, angles], axis=-1)  # (..., H)
     return xp.cos(angles), xp.sin(angles)
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, T, heads, H). Rotate pairs (i, i+H/2), computed in fp32."""
+    """x: (B, T, heads, H); cos, sin: (T, H), or (B, T, H) when rows sit at different positions
+    (batched decoding). Rotate pairs (i, i+H/2), computed in fp32."""
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos[:, None, :] + rotated * sin[:, None, :]).astype(x.dtype)
+    cos, sin = cos[..., None, :], sin[..., None, :]  # over the heads
+    return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 def dense(x, w, contract=1, **kwargs):

@@ -1,24 +1,34 @@
-"""Talk to a checkpoint or a Hugging Face model: generation with a KV cache (generate.py).
+"""Talk to a checkpoint or a Hugging Face model: generation with a KV cache (generate.py), on one
+device or batched and sharded over a mesh (serving.py).
 
     python sample.py out/tiny --prompt "def fibonacci(n):"                 # a training out_dir: newest checkpoint
     python sample.py out/tiny_chat --chat --prompt 'What does `shlex.quote` do?'
     python sample.py out/tiny_chat                                          # interactive chat
     python sample.py Llama-2-7b-hf --prompt "..." --temperature 0.8 --top_p 0.95 --seed 1
+    python sample.py Lemur-70B-Chat --mesh=1,1,8 --chat --prompt "..." --prompt "..."   # a TPU v4-16, every host
 
 Sources: a training out_dir (its newest complete checkpoint) or one checkpoint directory, saved on
-any mesh, restored onto one device with the model config and tokenizer the checkpoint carries; or
-a Hugging Face Llama directory (tokenizer.model and, if present, added_tokens.json in it). `--chat`
-wraps the prompt in ChatML (chat.encode_prompt) and stops at `<|im_end|>`; without `--prompt` it
-chats. Decoding: greedy (temperature 0, the default) or temperature / top-k / top-p from a seed.
+any mesh, with the model config and tokenizer the checkpoint carries; or a Hugging Face Llama
+directory (tokenizer.model and, if present, added_tokens.json in it); any of them in a bucket.
+Without --mesh the params are restored onto one device and each prompt is decoded alone. With
+--mesh=DATA,FSDP,TENSOR (product = all devices of all processes; start the same command on every
+host) each process reads only its slices of the params in the serving layout (tensor-parallel,
+compute dtype), and the prompts (--prompt, repeatable) are decoded as one batch. `--chat` wraps
+each prompt in ChatML (chat.encode_prompt) and stops at `<|im_end|>`; without `--prompt` it chats
+(one process only). Decoding: greedy (temperature 0, the default) or temperature / top-k / top-p
+from a seed.
 """
 import argparse
 
 import jax
 
+import jax.numpy as jnp
+
 import chat
 import checkpoint
 import data
 import hf
+import serving
 import sharding
 import storage
 from generate import check_options, generate
@@ -38,10 +48,27 @@ def load(path: str):
     return params, cfg, Tokenizer.from_dir(path)
 
 
+def load_on_mesh(path: str, mesh):
+    """(params in serving.py's layout on `mesh`, model config, tokenizer) of the same sources as
+    load(); each process reads only the slices its devices hold, cast to the compute dtype."""
+    if storage.exists(storage.join(path, "COMMIT")) or checkpoint.committed(path):
+        reader = checkpoint.Reader(checkpoint.latest(path))
+        cfg = reader.model_config()
+        serving.check(cfg, mesh.shape)
+        params = checkpoint.restore(reader, {"params": serving.param_structs(cfg, mesh)})[0]["params"]
+        return params, cfg, data.checkpoint_tokenizer(reader)
+    cfg = hf.read_config(path)
+    serving.check(cfg, mesh.shape)
+    shardings = jax.tree.map(lambda s: s.sharding, serving.param_structs(cfg, mesh))
+    return hf.load_hf(path, shardings, dtype=jnp.dtype(cfg.dtype))[1], cfg, Tokenizer.from_dir(path)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate text from a checkpoint or a Hugging Face directory.")
     parser.add_argument("path", help="training out_dir, checkpoint directory or Hugging Face Llama directory")
-    parser.add_argument("--prompt", help="generate once from this prompt (default: interactive chat)")
+    parser.add_argument("--prompt", action="append",
+                        help="generate from this prompt (repeat it for a batch; default: interactive chat)")
+    parser.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of all devices (serving.py)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in ChatML, stop at <|im_end|>")
     parser.add_argument("--system", default="", help="a system message for chat")
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -55,7 +82,17 @@ def main(argv=None):
         check_options(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         parser.error(str(e))
-    params, cfg, tokenizer = load(args.path)
+    if args.mesh:
+        sharding.initialize_distributed()
+        try:
+            mesh = sharding.make_mesh(*(int(n) for n in args.mesh.split(",")))
+        except (TypeError, ValueError) as e:
+            parser.error(f"--mesh={args.mesh}: {e}")
+        params, cfg, tokenizer = load_on_mesh(args.path, mesh)
+        if args.prompt is None and jax.process_count() > 1:
+            parser.error("several processes cannot share an interactive chat: pass --prompt")
+    else:
+        params, cfg, tokenizer = load(args.path)
     chatting = args.chat or args.prompt is None
     if chatting and "<|im_end|>" not in tokenizer.added:
         raise SystemExit(f"{args.path}: not a chat model (its tokenizer has no <|im_end|>); pass --prompt without --chat")
@@ -64,16 +101,28 @@ def main(argv=None):
                 vocab_size=tokenizer.vocab_size)
     history = [("system", args.system)] if args.system else []
 
+    def run(batch: list) -> list:
+        if args.mesh:
+            return serving.generate(params, cfg, mesh, batch, args.max_new_tokens, seed=args.seed, **opts)
+        return [generate(params, cfg, tokens, args.max_new_tokens, seed=args.seed, **opts) for tokens in batch]
+
+    def text(out: list) -> str:
+        return tokenizer.decode(out[:-1] if out and out[-1] in stop else out)
+
+    def encode(prompt: str, turns: list) -> list:
+        return chat.encode_prompt(turns + [("user", prompt)], tokenizer) if chatting else \
+            [tokenizer.bos_id] + tokenizer.encode(prompt)
+
     def reply(prompt: str) -> str:
-        history.append(("user", prompt))
-        tokens = chat.encode_prompt(history, tokenizer) if chatting else [tokenizer.bos_id] + tokenizer.encode(prompt)
-        out = generate(params, cfg, tokens, args.max_new_tokens, seed=args.seed, **opts)
-        text = tokenizer.decode(out[:-1] if out and out[-1] in stop else out)
-        history.append(("assistant", text))
-        return text
+        answer = text(run([encode(prompt, history)])[0])
+        history.extend([("user", prompt), ("assistant", answer)])
+        return answer
 
     if args.prompt is not None:
-        print(reply(args.prompt) if chatting else args.prompt + reply(args.prompt))
+        outs = run([encode(p, history) for p in args.prompt])
+        if jax.process_index() == 0:
+            for prompt, out in zip(args.prompt, outs):
+                print(text(out) if chatting else prompt + text(out))
         return
     print("chat: an empty line or Ctrl-D ends it")
     while (prompt := input_or_none("user> ")):

@@ -221,14 +221,19 @@ def _gather(w, spec, dtype):
     return _all_gather_fsdp(w, spec.index("fsdp"), dtype)
 
 
-def _embed(table, tokens):
-    """Vocab-parallel lookup: E[V_tensor, D], tokens[B, T] -> x[B, T_tensor, D]."""
+def embed_rows(table, tokens):
+    """Vocab-parallel lookup: E[V_tensor, D], tokens[B, T] -> rows[B, T, D], the rows of the
+    tokens this shard owns and zeros elsewhere (one shard holds each row: a sum over tensor gives x)."""
     V = table.shape[0]
     local = tokens - jax.lax.axis_index("tensor") * V
     owned = (local >= 0) & (local < V)
-    rows = jnp.where(owned[..., None], table[jnp.clip(local, 0, V - 1)], 0)  # zero where not ours
-    # x[B, T, D] {one shard holds each row} -> reduce-scatter over tensor along T -> x[B, T_tensor, D]
-    return _psum_scatter(rows, "tensor", 1)
+    return jnp.where(owned[..., None], table[jnp.clip(local, 0, V - 1)], 0)
+
+
+def _embed(table, tokens):
+    """E[V_tensor, D], tokens[B, T] -> x[B, T_tensor, D]."""
+    # rows[B, T, D] {one shard holds each row} -> reduce-scatter over tensor along T -> x[B, T_tensor, D]
+    return _psum_scatter(embed_rows(table, tokens), "tensor", 1)
 
 
 def _cross_entropy(logits, targets, weights):

@@ -48,12 +48,27 @@ class Tokenizer:
                        for added, run in runs)
 
 
-    def save(self, path: str):
-        """Write tokenizer.model (a copy of the file) and, if there are added tokens,
-        added_tokens.json into directory `path`, as Hugging Face directories hold them."""
+    def save(self, path: str, chat_template: str | None = None):
+        """Write tokenizer.model (a copy of the file), added_tokens.json (if there are added tokens)
+        and tokenizer_config.json into directory `path`, as Hugging Face directories hold them, so
+        that transformers' AutoTokenizer (and vLLM, TGI) encode as we do: a Llama tokenizer in
+        legacy mode (a text after a special token starts a new sentencepiece text, with its dummy
+        prefix, as our encode does), bos added, the added tokens special, and `chat_template` (a
+        Jinja template; chat.CHAT_TEMPLATE for chat runs) for apply_chat_template."""
         storage.write_bytes(storage.join(path, "tokenizer.model"), self.model_proto)
         if self.added:
             storage.write_bytes(storage.join(path, "added_tokens.json"), json.dumps(self.added, indent=2).encode())
+        piece = self.sp.id_to_piece
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "add_bos_token": True, "add_eos_token": False,
+                  "bos_token": piece(self.bos_id), "eos_token": piece(self.eos_id), "unk_token": piece(self.sp.unk_id()),
+                  "clean_up_tokenization_spaces": False,
+                  "added_tokens_decoder": {str(i): {"content": tok, "special": True, "normalized": False, "lstrip": False,
+                                                    "rstrip": False, "single_word": False} for tok, i in self.added.items()}}
+        if "<pad>" in self.added:
+            config["pad_token"] = "<pad>"
+        if chat_template is not None:
+            config["chat_template"] = chat_template
+        storage.write_bytes(storage.join(path, "tokenizer_config.json"), json.dumps(config, indent=2).encode())
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":

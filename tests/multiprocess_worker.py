@@ -4,8 +4,11 @@
 
 Joins the others through sharding.initialize_distributed (gloo collectives on CPU), supplies only
 its own rows of the test batch, writes the loss and the gathered gradients (process 0 only), and
-saves the params as checkpoint 1 in CKPT_DIR, each process writing only its own shards.
+saves the params as checkpoint 1 in CKPT_DIR, each process writing only its own shards. Then both
+restore them in serving.py's layout on another mesh and decode GEN_PROMPTS as one batch; process 0
+writes the tokens to OUT.npz.gen.json.
 """
+import json
 import os
 import sys
 
@@ -18,8 +21,9 @@ import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import checkpoint  # noqa: E402
+import serving  # noqa: E402
 import sharding  # noqa: E402
-from test_sharding import GQA, MP_MESH, batch_for  # noqa: E402
+from test_sharding import GEN_MESH, GEN_PROMPTS, GQA, MP_MESH, batch_for, for_generation  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 sharding.initialize_distributed()
@@ -38,3 +42,10 @@ if jax.process_index() == 0:
     flat = {jax.tree_util.keystr(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
     np.savez(sys.argv[1], loss=float(loss), count=float(count), **flat)
 checkpoint.save(sys.argv[2], 1, {"params": params}, {"process": jax.process_index()}, {}, keep=1)
+
+mesh = sharding.make_mesh(*GEN_MESH)
+served = checkpoint.restore(checkpoint.step_dir(sys.argv[2], 1), {"params": serving.param_structs(GQA, mesh)})[0]
+outs = serving.generate(for_generation(served["params"]), GQA, mesh, GEN_PROMPTS, 6)
+if jax.process_index() == 0:
+    with open(sys.argv[1] + ".gen.json", "w") as f:
+        json.dump(outs, f)

@@ -54,7 +54,7 @@ def test_no_import_cycle():
 LAYERS = [
     ("storage", {"storage"}),
     ("math", {"attention", "model", "generate"}),
-    ("parallelism", {"sharding"}),
+    ("parallelism", {"sharding", "serving"}),
     ("configuration", {"config"}),
     ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
     ("data", {"records", "chat", "demo", "data"}),

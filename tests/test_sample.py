@@ -160,3 +160,17 @@ def test_quiet_on_a_machine_without_tpu_chips(params, spm_model, tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("word1"), out.stderr[-2000:]
     assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[-2000:]
+
+
+def test_sample_on_a_mesh_prints_what_one_device_prints(params, spm_model, tmp_path, capsys):
+    """python sample.py HF_DIR --mesh=1,2,4 --prompt A --prompt B: the prompts decoded as one batch
+    on 8 devices (serving.py), from params read slice by slice in the serving layout."""
+    hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
+    shutil.copyfile(spm_model, tmp_path / "tokenizer.model")
+    prompts = ["--prompt", "word1", "--prompt", "word7 text 12 of the", "--max_new_tokens", "6"]
+    sample.main([str(tmp_path), *prompts])
+    alone = capsys.readouterr().out
+    sample.main([str(tmp_path), *prompts, "--mesh=1,2,4"])
+    assert capsys.readouterr().out == alone and len(alone.splitlines()) >= 2
+    with pytest.raises(ValueError, match="n_heads=4 does not divide by the mesh's tensor axis"):
+        sample.main([str(tmp_path), *prompts, "--mesh=1,1,8"])

@@ -277,3 +277,26 @@ def test_a_truncated_json_file_is_named(tok, tmp_path):
     assert ds.train == [] and [r for r in skips.counts if r.startswith("unreadable from here on (JSONDecodeError")]
     with pytest.raises(records.BadRecord, match=f"{path}:1: unreadable from here on"):
         chat.Dataset(records.Source("c", (str(path),), 1.0), tok, 256, records.Skips("raise"), collections.Counter())
+
+
+def test_an_export_formats_chats_exactly_as_we_trained(tok, tmp_path):
+    """transformers' AutoTokenizer reads an export's tokenizer files (tokenizer_config.json with
+    the ChatML template): apply_chat_template(..., add_generation_prompt=True) gives our prompt
+    ids for multi-turn conversations with a system message, and plain text encodes alike."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("google.protobuf", reason="transformers converts tokenizer.model with protobuf")
+    tok.save(str(tmp_path), chat.CHAT_TEMPLATE)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    conversations = [
+        [("system", "You answer with python code."), ("user", "the list of values 12"),
+         ("assistant", "a function returns `x.y()` when called"), ("user", "writes data\nreads file 7")],
+        [("user", "python code 3")],
+        [("system", "Be brief."), ("user", "list\n\nof values"), ("assistant", "the data"), ("user", "a file")],
+    ]
+    for conversation in conversations:
+        messages = [{"role": role, "content": content} for role, content in conversation]
+        ids = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert list(ids) == chat.encode_prompt(conversation, tok), conversation
+    text = "a function returns 42\nwhen called"
+    assert theirs.encode(text) == [tok.bos_id] + tok.encode(text)
+    assert theirs.decode(tok.encode(text)) == text

@@ -1,6 +1,7 @@
 """sharding.py against the single-device model.py: loss, every gradient and an Adam step on each
 mesh layout, multi-process runs, real sharding of the params, and clear errors (CPU, 8 devices)."""
 import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,13 @@ GQA = model.Config(vocab_size=64, dim=32, n_layers=2, n_heads=8, n_kv_heads=2, f
                    max_seq_len=32, dtype="float32")
 MESHES = [(1, 1, 8), (1, 8, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2), (2, 4, 1)]
 MP_MESH = (2, 2, 2)
+GEN_MESH = (1, 2, 4)  # rows over fsdp, kv heads replicated over pairs of chips, across the two processes
+GEN_PROMPTS = [[1, 5, 9, 33], [1], [1, 60, 2, 7, 7, 41, 12]]
+
+
+def for_generation(params):
+    """Output scaled so greedy decoding never meets a near-tie."""
+    return {**params, "output": params["output"] * 30}
 ROWS, T = 8, 16
 RTOL = 1e-5
 
@@ -206,3 +214,6 @@ def test_two_processes_match_one(tmp_path):
     assert reader.data_states() == [{"process": 0}, {"process": 1}]
     for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params)):  # init jitted there, not here:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)  # equal up to an ulp
+    import generate
+    with open(str(out) + ".gen.json") as f:  # decoded across the two processes: each prompt alone here
+        assert json.load(f) == [generate.generate(for_generation(restored["params"]), GQA, p, 6) for p in GEN_PROMPTS]

@@ -212,6 +212,8 @@ def test_export_checkpoint_to_hf(reference, tmp_path):
     convert.main([str(reference[0]), str(tmp_path), "--dtype=float32"])
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     reader = checkpoint.Reader(checkpoint.step_dir(str(reference[0]), 16))
+    tok, text = reader.tokenizer(), "alpha beta gamma"  # the run's tokenizer goes along, read alike
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).encode(text) == [tok.bos_id] + tok.encode(text)
     params = {"embed": None, "norm": None, "output": None, "layers": {}}
     for key, _ in hf.flatten(model.param_shapes(MICRO)):
         *parent, leaf = key.split("/")
@@ -238,7 +240,8 @@ def test_export_refuses_a_non_empty_target_and_replaces_only_an_exports_files(re
         convert.main([str(reference[0]), str(tmp_path / "new"), "--dtype=int8"])
     assert "invalid choice: 'int8'" in capsys.readouterr().err
     convert.main([str(reference[0]), str(tmp_path), "--dtype=float32", "--force"])
-    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.model"]
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.model",
+                                            "tokenizer_config.json"]
     _, loaded = hf.load_hf(str(tmp_path))
     import checkpoint
     saved = checkpoint.Reader(checkpoint.step_dir(str(reference[0]), 16))

@@ -1,0 +1,205 @@
+"""Generation on a mesh: batched prompts, the KV cache split over kv heads, the decode collectives.
+
+    params = serving.load(path, mesh)          # a checkpoint or a Hugging Face directory, each
+    outs = serving.generate(params, cfg, mesh, # process reading only its own slices
+                            [[bos, ...], [bos, ...]], 64, stop_tokens=(eos,))
+
+The layout. Decoding one token per row reads every weight once per step and does little math
+with it, so its cost is the bytes of weights each chip reads. Training's FSDP split would
+all-gather every weight at every token (each chip would read the whole model); here params are
+tensor-parallel only, in the compute dtype (bf16: 140 GB for 70B, where fp32 would not fit a
+v4-16): query heads, the MLP's F and the vocabulary split over the `tensor` axis, replicated over
+`data` and `fsdp`, which split the batch rows instead. The KV cache (L, B, S, K, H) splits its kv
+heads over `tensor`. Where the tensor axis is larger than the number of kv heads (16 chips, 8 kv
+heads) every kv head is replicated over its group of tensor/K chips, as Megatron does: wk/wv are
+then replicated and each chip computes the one kv head its query heads read, and the cache holds
+one kv head per chip. Decode cannot split the sequence as training does (one token per row), so
+where training reduce-scatters a block's partial sums over the sequence, decoding all-reduces them.
+
+Each device runs model.layer, the layer of training, with an attention core over its cache.
+Prompts of different lengths are padded at the end; each row keeps its own position (RoPE, the
+causal mask over the cache and where its next k/v are written). The prompts are prefilled in
+chunks of `prefill_chunk` tokens through the same step as decoding (so the prefill's attention
+scores, not the prompt, bound its memory), and each row's first token comes from the chunk that
+holds its last prompt token. Padded positions are never attended to: a row's mask stops at its
+own position, and its decode steps overwrite the padding as they go.
+"""
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import attention
+import generate as single
+import model
+from sharding import BATCH, _all_gather, embed_rows
+
+
+def replicated_kv(cfg: model.Config, tensor: int) -> bool:
+    """Whether kv heads are replicated over groups of chips (tensor axis larger than n_kv_heads)."""
+    return tensor > cfg.n_kv_heads
+
+
+def check(cfg: model.Config, mesh_shape: dict):
+    """Refuse a mesh this layout cannot split cfg over, naming the size that does not divide."""
+    T = mesh_shape["tensor"]
+    sizes = {"n_heads": cfg.n_heads, "ffn_dim": cfg.ffn_dim, "vocab_size": cfg.vocab_size}
+    if not replicated_kv(cfg, T):
+        sizes["n_kv_heads"] = cfg.n_kv_heads
+    elif T % cfg.n_kv_heads:
+        raise ValueError(f"tensor axis {T} must be a multiple of n_kv_heads {cfg.n_kv_heads} to replicate kv heads")
+    for name, size in sizes.items():
+        if size % T:
+            raise ValueError(f"{name}={size} does not divide by the mesh's tensor axis ({T})")
+
+
+def param_specs(cfg: model.Config, tensor: int) -> dict:
+    """PartitionSpecs of the serving layout (see the module doc), in the params' tree structure."""
+    kv = P(None, None, None, None) if replicated_kv(cfg, tensor) else P(None, None, "tensor", None)
+    return {
+        "embed": P("tensor", None),  # E[V_tensor, D]
+        "layers": {
+            "attn_norm": P(None, None), "mlp_norm": P(None, None),
+            "wq": P(None, None, "tensor", None),  # [L, D, N_tensor, H]
+            "wk": kv, "wv": kv,  # [L, D, K_tensor, H], or whole when kv heads are replicated
+            "wo": P(None, "tensor", None, None),  # [L, N_tensor, H, D]
+            "w_gate": P(None, None, "tensor"), "w_up": P(None, None, "tensor"),  # [L, D, F_tensor]
+            "w_down": P(None, "tensor", None),  # [L, F_tensor, D]
+        },
+        "norm": P(None),
+        "output": P(None, "tensor"),  # W[D, V_tensor]
+    }
+
+
+def param_structs(cfg: model.Config, mesh) -> dict:
+    """ShapeDtypeStructs of the serving params (compute dtype, serving shardings): the target of a
+    load and the arguments of an ahead-of-time compile."""
+    specs = param_specs(cfg, mesh.shape["tensor"])
+    return jax.tree.map(lambda shape, spec: jax.ShapeDtypeStruct(shape, jnp.dtype(cfg.dtype),
+                                                                 sharding=NamedSharding(mesh, spec)),
+                        model.param_shapes(cfg), specs, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def cache_heads(cfg: model.Config, tensor: int) -> int:
+    """The kv-head dim of the global cache: K, or one copy per chip when kv heads are replicated."""
+    return max(cfg.n_kv_heads, tensor)
+
+
+def cache_spec() -> P:
+    return P(None, BATCH, None, "tensor", None)  # [L, B_(data,fsdp), S, K_tensor, H]
+
+
+def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
+    """One device's program: tokens [B_b, T] at positions start + (0..T-1) per row (a prefill
+    chunk: start its offset; decode: T 1, start each row's position) -> logits [B_b, V] at each
+    row's last prompt token (position lengths - 1; the chunk's nearest position when it lies
+    outside), and the cache with these positions written."""
+    B, T = tokens.shape
+    S, tensor = cache["k"].shape[2], jax.lax.axis_size("tensor")
+    positions = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
+    rope = model.rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # per row: (B, T, H)
+    # each row sees the cache up to its own position (prefill: its prompt's causal triangle)
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    group = tensor // cfg.n_kv_heads if replicated_kv(cfg, tensor) else 0
+
+    # vocab-parallel lookup: rows[B, T, D] {one shard holds each row} -> all-reduce over tensor ->
+    # x[B, T, D] on every chip of the tensor group (no sequence split in decoding)
+    x = jax.lax.psum(embed_rows(params["embed"], tokens), "tensor")
+
+    def layer(x, inputs):
+        lp, k_cache, v_cache = inputs  # caches [B, S, K_local, H]
+        if group:  # whole wk/wv: this chip's kv head is the one its query heads read
+            head = jax.lax.axis_index("tensor") // group
+            lp = {**lp, "wk": jax.lax.dynamic_slice_in_dim(lp["wk"], head, 1, axis=1),
+                  "wv": jax.lax.dynamic_slice_in_dim(lp["wv"], head, 1, axis=1)}
+        written = {}
+
+        def cached(q, k, v):  # write this step's k/v at each row's positions, attend over the cache
+            rows = jnp.arange(B)[:, None]
+            written["k"] = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+            written["v"] = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            return attention.attend(q, written["k"], written["v"], mask)
+
+        # a block's output is a partial sum over this chip's heads or F slice -> all-reduce over tensor
+        x = model.layer(lp, x, cfg, rope, cached, scatter=lambda out: jax.lax.psum(out, "tensor"))
+        return x, (written["k"], written["v"])
+
+    x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    last = x[jnp.arange(B), jnp.clip(lengths - 1 - start, 0, T - 1)]  # each row's last prompt token
+    h = model.rms_norm(last[:, None], params["norm"], cfg.norm_eps)
+    logits = model.logits_from_hidden(params, h, cfg)[:, 0]  # [B, V_tensor] fp32
+    # logits[B, V_tensor] -> all-gather over tensor -> [B, V]: every chip samples the same token
+    return _all_gather(logits, "tensor", 1), {"k": k, "v": v}
+
+
+@partial(jax.jit, static_argnames=("cfg", "mesh", "vocab_size"), donate_argnames="cache")
+def step(params, tokens, lengths, cache, start, key, opts, cfg, mesh, vocab_size):
+    """The jitted step over the mesh: a prefill chunk or a decode step, then sampling (generate.py's)."""
+    rows = P(BATCH)
+    cache_specs = {"k": cache_spec(), "v": cache_spec()}
+    logits, cache = jax.shard_map(
+        partial(_device_step, cfg=cfg), mesh=mesh,
+        in_specs=(param_specs(cfg, mesh.shape["tensor"]), rows, rows, cache_specs, rows),
+        out_specs=(rows, cache_specs), check_vma=False)(params, tokens, lengths, cache, start)
+    token = single.sample_logits(logits[:, :vocab_size], key, *opts).astype(jnp.int32)
+    # every process reads every row's token (multi-host: the rows live on other hosts too)
+    return jax.lax.with_sharding_constraint(token, NamedSharding(mesh, P())), cache
+
+
+def new_cache(cfg: model.Config, mesh, rows: int, size: int):
+    """A zero KV cache {k, v}: (L, rows, size, kv heads, H) in the compute dtype, sharded."""
+    shape = (cfg.n_layers, rows, size, cache_heads(cfg, mesh.shape["tensor"]), cfg.head_dim)
+    sharding = NamedSharding(mesh, cache_spec())
+    zeros = jax.jit(lambda: jnp.zeros(shape, cfg.dtype), out_shardings=sharding)
+    return {"k": zeros(), "v": zeros()}
+
+
+def generate(params, cfg: model.Config, mesh, prompts: list, max_new_tokens: int, *, temperature=0.0, top_k=0,
+             top_p=1.0, seed=0, stop_tokens=(), vocab_size=None, prefill_chunk=512) -> list[list[int]]:
+    """The new tokens of each prompt (lists of ids of any lengths): generate.generate's contract,
+    for a batch on a mesh. Each row stops at its own stop token (included), after max_new_tokens,
+    or when its context is full. Rows are padded to a multiple of the mesh's batch ways."""
+    single.check_options(temperature, top_k, top_p)
+    check(cfg, mesh.shape)
+    lengths = [len(p) for p in prompts]
+    if not prompts or not all(0 < n < cfg.max_seq_len for n in lengths):
+        raise ValueError(f"prompts of {lengths} tokens: each must have at least 1 and leave room in the "
+                         f"model's context of {cfg.max_seq_len} tokens")
+    ways = math.prod(mesh.shape[a] for a in BATCH)
+    rows = -(-len(prompts) // ways) * ways
+    size = min(cfg.max_seq_len, -(-(max(lengths) + max_new_tokens) // 256) * 256)
+    chunk = min(prefill_chunk, max(lengths))
+    T = -(-max(lengths) // chunk) * chunk  # whole chunks: one compiled prefill step
+    tokens = np.zeros((rows, T), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    n = np.array(lengths + [1] * (rows - len(prompts)), np.int32)  # padding rows: one token
+    limits = np.minimum(max_new_tokens, size - n)
+    opts = dict(opts=(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p)), cfg=cfg, mesh=mesh,
+                vocab_size=vocab_size or cfg.vocab_size)
+    key = jax.random.key(seed)
+    out = [[] for _ in range(rows)]
+    if limits.max() <= 0:
+        return out[:len(prompts)]
+    cache = new_cache(cfg, mesh, rows, size)
+    token = np.zeros(rows, np.int32)
+    for offset in range(0, T, chunk):  # each row's first token: from the chunk of its last prompt token
+        new, cache = step(params, tokens[:, offset:offset + chunk], n, cache, np.full(rows, offset, np.int32), key,
+                          **opts)
+        token = np.where((offset <= n - 1) & (n - 1 < offset + chunk), np.asarray(new), token)
+    done = np.zeros(rows, bool)
+    for i in range(int(limits.max())):
+        token = np.asarray(token)
+        for r in range(rows):
+            if not done[r]:
+                out[r].append(int(token[r]))
+                done[r] = token[r] in stop_tokens or len(out[r]) >= limits[r]
+        if done[:len(prompts)].all():
+            break
+        # row r's newest token sits at n_r + i; a finished row keeps stepping, its output unused
+        start = np.minimum(n + i, size - 1).astype(np.int32)
+        token, cache = step(params, token[:, None], n, cache, start, jax.random.fold_in(key, i + 1), **opts)
+    return out[:len(prompts)]
