@@ -116,10 +116,11 @@ def encode_conversation(record, tokenizer: Tokenizer) -> tuple[np.ndarray, np.nd
     return encode_turns([turns(record)], tokenizer)[0]
 
 
-def encode_prompt(conversation: list, tokenizer: Tokenizer) -> list[int]:
+def encode_prompt(conversation: list, tokenizer: Tokenizer, reply_start: str = "") -> list[int]:
     """Tokens that ask for the next assistant turn: the turns so far, then `<|im_start|>assistant\\n`
-    (the encoding of an empty reply, less its <|im_end|>, newline and eos)."""
-    tokens, _ = encode_turns([list(conversation) + [("assistant", "")]], tokenizer)[0]
+    and `reply_start` (the encoding of a reply of just that, less its <|im_end|>, newline and eos),
+    so a reply the model continues tokenizes as it did in training."""
+    tokens, _ = encode_turns([list(conversation) + [("assistant", reply_start)]], tokenizer)[0]
     return tokens[:-(2 + len(tokenizer.sp.encode("\n")))].tolist()
 
 

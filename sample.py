@@ -19,6 +19,7 @@ each prompt in ChatML (chat.encode_prompt) and stops at `<|im_end|>`; without `-
 from a seed.
 """
 import argparse
+import dataclasses
 
 import jax
 
@@ -48,16 +49,19 @@ def load(path: str):
     return params, cfg, Tokenizer.from_dir(path)
 
 
-def load_on_mesh(path: str, mesh):
+def load_on_mesh(path: str, mesh, dtype: str | None = None):
     """(params in serving.py's layout on `mesh`, model config, tokenizer) of the same sources as
-    load(); each process reads only the slices its devices hold, cast to the compute dtype."""
+    load(); each process reads only the slices its devices hold, cast to the compute dtype
+    (`dtype`, e.g. "float32" to compare with a reference, replaces the model's)."""
     if storage.exists(storage.join(path, "COMMIT")) or checkpoint.committed(path):
         reader = checkpoint.Reader(checkpoint.latest(path))
         cfg = reader.model_config()
+        cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
         serving.check(cfg, mesh.shape)
         params = checkpoint.restore(reader, {"params": serving.param_structs(cfg, mesh)})[0]["params"]
         return params, cfg, data.checkpoint_tokenizer(reader)
     cfg = hf.read_config(path)
+    cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
     serving.check(cfg, mesh.shape)
     shardings = jax.tree.map(lambda s: s.sharding, serving.param_structs(cfg, mesh))
     return hf.load_hf(path, shardings, dtype=jnp.dtype(cfg.dtype))[1], cfg, Tokenizer.from_dir(path)

@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import attention
 import generate as single
 import model
-from sharding import BATCH, _all_gather, embed_rows
+from sharding import BATCH, _all_gather, embed_rows, target_logprobs
 
 
 def replicated_kv(cfg: model.Config, tensor: int) -> bool:
@@ -92,6 +92,28 @@ def cache_spec() -> P:
     return P(None, BATCH, None, "tensor", None)  # [L, B_(data,fsdp), S, K_tensor, H]
 
 
+def _all_reduce(out):
+    # a block's output is a partial sum over this chip's heads or F slice -> all-reduce over tensor
+    return jax.lax.psum(out, "tensor")
+
+
+def _local_kv(lp, cfg: model.Config):
+    """One layer's weights with wk/wv of this chip's kv heads: as sharded, or where kv heads are
+    replicated (whole wk/wv on every chip), the one head this chip's query heads read."""
+    tensor = jax.lax.axis_size("tensor")
+    if not replicated_kv(cfg, tensor):
+        return lp
+    head = jax.lax.axis_index("tensor") // (tensor // cfg.n_kv_heads)
+    return {**lp, "wk": jax.lax.dynamic_slice_in_dim(lp["wk"], head, 1, axis=1),
+            "wv": jax.lax.dynamic_slice_in_dim(lp["wv"], head, 1, axis=1)}
+
+
+def _embed(params, tokens):
+    # vocab-parallel lookup: rows[B, T, D] {one shard holds each row} -> all-reduce over tensor ->
+    # x[B, T, D] on every chip of the tensor group (no sequence split in decoding)
+    return jax.lax.psum(embed_rows(params["embed"], tokens), "tensor")
+
+
 def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
     """One device's program: tokens [B_b, T] at positions start + (0..T-1) per row (a prefill
     chunk: start its offset; decode: T 1, start each row's position) -> logits [B_b, V] at each
@@ -103,18 +125,12 @@ def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
     rope = model.rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # per row: (B, T, H)
     # each row sees the cache up to its own position (prefill: its prompt's causal triangle)
     mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    group = tensor // cfg.n_kv_heads if replicated_kv(cfg, tensor) else 0
 
-    # vocab-parallel lookup: rows[B, T, D] {one shard holds each row} -> all-reduce over tensor ->
-    # x[B, T, D] on every chip of the tensor group (no sequence split in decoding)
-    x = jax.lax.psum(embed_rows(params["embed"], tokens), "tensor")
+    x = _embed(params, tokens)
 
     def layer(x, inputs):
         lp, k_cache, v_cache = inputs  # caches [B, S, K_local, H]
-        if group:  # whole wk/wv: this chip's kv head is the one its query heads read
-            head = jax.lax.axis_index("tensor") // group
-            lp = {**lp, "wk": jax.lax.dynamic_slice_in_dim(lp["wk"], head, 1, axis=1),
-                  "wv": jax.lax.dynamic_slice_in_dim(lp["wv"], head, 1, axis=1)}
+        lp = _local_kv(lp, cfg)
         written = {}
 
         def cached(q, k, v):  # write this step's k/v at each row's positions, attend over the cache
@@ -123,8 +139,7 @@ def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
             written["v"] = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
             return attention.attend(q, written["k"], written["v"], mask)
 
-        # a block's output is a partial sum over this chip's heads or F slice -> all-reduce over tensor
-        x = model.layer(lp, x, cfg, rope, cached, scatter=lambda out: jax.lax.psum(out, "tensor"))
+        x = model.layer(lp, x, cfg, rope, cached, scatter=_all_reduce)
         return x, (written["k"], written["v"])
 
     x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
@@ -203,3 +218,27 @@ def generate(params, cfg: model.Config, mesh, prompts: list, max_new_tokens: int
         start = np.minimum(n + i, size - 1).astype(np.int32)
         token, cache = step(params, token[:, None], n, cache, start, jax.random.fold_in(key, i + 1), **opts)
     return out[:len(prompts)]
+
+
+def _device_score(params, inputs, targets, cfg: model.Config, platform: str):
+    """One device's program: inputs, targets [B_b, T] -> log p(targets[:, t] | inputs[:, :t+1])
+    [B_b, T] and whether each target is the argmax, through model.layer with training's causal
+    attention core (on TPU the splash kernel: T a multiple of 128)."""
+    rope = model.rope_tables(np.arange(inputs.shape[1]), cfg.head_dim, cfg.rope_theta)
+    attend = model.causal(cfg, platform)
+    layer = lambda x, lp: model.layer(_local_kv(lp, cfg), x, cfg, rope, attend, scatter=_all_reduce)
+    x = model.scan_layers(layer, _embed(params, inputs), params["layers"], "none")
+    h = model.rms_norm(x, params["norm"], cfg.norm_eps)
+    return target_logprobs(model.logits_from_hidden(params, h, cfg), targets)
+
+
+@partial(jax.jit, static_argnames=("cfg", "mesh"))
+def score(params, inputs, targets, cfg: model.Config, mesh):
+    """(log-probabilities [B, T] of targets [B, T] after each prefix of inputs [B, T], is-argmax
+    flags): the loglikelihoods of evaluation (eval.py), on the mesh of generation, returned to
+    every process. B must divide by the mesh's batch ways (data x fsdp)."""
+    rows = P(BATCH)
+    out = jax.shard_map(partial(_device_score, cfg=cfg, platform=mesh.devices.flat[0].platform), mesh=mesh,
+                        in_specs=(param_specs(cfg, mesh.shape["tensor"]), rows, rows), out_specs=(rows, rows),
+                        check_vma=False)(params, inputs, targets)
+    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))

@@ -236,9 +236,10 @@ def _embed(table, tokens):
     return _psum_scatter(embed_rows(table, tokens), "tensor", 1)
 
 
-def _cross_entropy(logits, targets, weights):
-    """Vocab-parallel model.cross_entropy: logits[B, T, V_tensor] fp32 -> weighted loss sum over
-    this device's rows. No device ever holds full-vocabulary logits."""
+def target_logprobs(logits, targets):
+    """Vocab-parallel log-softmax at the targets: logits[B, T, V_tensor] fp32, targets[B, T] ->
+    (log p(target) [B, T], whether the target is the argmax [B, T]). No device ever holds
+    full-vocabulary logits."""
     V = logits.shape[-1]
     # max over V_tensor -> all-reduce max over tensor -> max over V (a shift: no gradient needed)
     m = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, axis=-1)), "tensor")
@@ -249,7 +250,12 @@ def _cross_entropy(logits, targets, weights):
     picked = jnp.take_along_axis(logits, jnp.clip(local, 0, V - 1)[..., None], axis=-1)[..., 0]
     # the target logit, held by one shard -> all-reduce sum over tensor -> on every shard
     target_logit = jax.lax.psum(jnp.where(owned, picked, 0.0), "tensor")
-    return jnp.sum((logz - target_logit) * weights)
+    return target_logit - logz, target_logit >= m
+
+
+def _cross_entropy(logits, targets, weights):
+    """Vocab-parallel model.cross_entropy: weighted loss sum over this device's rows."""
+    return jnp.sum(-target_logprobs(logits, targets)[0] * weights)
 
 
 def _device_loss_sum(params, batch, cfg: model.Config, platform: str):

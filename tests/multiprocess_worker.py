@@ -5,8 +5,8 @@
 Joins the others through sharding.initialize_distributed (gloo collectives on CPU), supplies only
 its own rows of the test batch, writes the loss and the gathered gradients (process 0 only), and
 saves the params as checkpoint 1 in CKPT_DIR, each process writing only its own shards. Then both
-restore them in serving.py's layout on another mesh and decode GEN_PROMPTS as one batch; process 0
-writes the tokens to OUT.npz.gen.json.
+restore them in serving.py's layout on another mesh, decode GEN_PROMPTS as one batch and score
+rows of the test batch; process 0 writes both to OUT.npz.gen.json.
 """
 import json
 import os
@@ -46,6 +46,8 @@ checkpoint.save(sys.argv[2], 1, {"params": params}, {"process": jax.process_inde
 mesh = sharding.make_mesh(*GEN_MESH)
 served = checkpoint.restore(checkpoint.step_dir(sys.argv[2], 1), {"params": serving.param_structs(GQA, mesh)})[0]
 outs = serving.generate(for_generation(served["params"]), GQA, mesh, GEN_PROMPTS, 6)
+rows = np.array(batch_for(GQA)["tokens"][:4], np.int32)  # scored as eval.py does, on every process
+logprobs, _ = serving.score(served["params"], rows[:, :-1], rows[:, 1:], GQA, mesh)
 if jax.process_index() == 0:
     with open(sys.argv[1] + ".gen.json", "w") as f:
-        json.dump(outs, f)
+        json.dump({"generated": outs, "logprobs": np.asarray(logprobs).tolist()}, f)

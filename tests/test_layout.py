@@ -59,7 +59,8 @@ LAYERS = [
     ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
     ("data", {"records", "chat", "demo", "data"}),
     ("the loop", {"recovery", "tracking", "trainer"}),
-    ("entry points", {"train", "sft", "sample", "convert", "aot", "plot", "ablate"}),
+    ("evaluation", {"humaneval"}),
+    ("entry points", {"train", "sft", "sample", "convert", "aot", "plot", "ablate", "eval"}),
 ]
 
 

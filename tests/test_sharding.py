@@ -215,5 +215,10 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params)):  # init jitted there, not here:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)  # equal up to an ulp
     import generate
-    with open(str(out) + ".gen.json") as f:  # decoded across the two processes: each prompt alone here
-        assert json.load(f) == [generate.generate(for_generation(restored["params"]), GQA, p, 6) for p in GEN_PROMPTS]
+    with open(str(out) + ".gen.json") as f:  # decoded and scored across the two processes
+        served = json.load(f)
+    assert served["generated"] == [generate.generate(for_generation(restored["params"]), GQA, p, 6) for p in GEN_PROMPTS]
+    rows = batch_for(GQA)["tokens"][:4]
+    logits = model.forward(restored["params"], jnp.asarray(rows[:, :-1]), GQA)
+    expected = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), rows[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(served["logprobs"], expected, atol=1e-4)
