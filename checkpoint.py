@@ -273,8 +273,8 @@ class Reader:
         if "tokenizer" not in self.meta:
             return None
         saved = self.meta["tokenizer"]
-        self._bytes(saved["file"])  # verified
-        return Tokenizer(storage.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]))
+        return Tokenizer(storage.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]),
+                         model_proto=self._bytes(saved["file"]))  # read once, verified
 
     def shape(self, key):
         return tuple(max(b[d][1] for b, _ in self.pieces[key]) for d in range(len(self.pieces[key][0][0])))

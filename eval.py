@@ -25,13 +25,14 @@ import argparse
 import json
 import sys
 
+import jax
 import numpy as np
 
 import humaneval
 import records
-import sample
 import serving
 import sharding
+import weights
 
 ROWS = 8  # rows scored or generated per call, times the mesh's batch ways (the AOT-checked batch)
 LENGTH_BUCKET = 128  # scored rows are padded to a multiple of this (few compiled shapes; TPU's splash kernel)
@@ -41,10 +42,9 @@ class Model:
     """Params on a mesh with their config and tokenizer, and the two operations evaluation needs."""
 
     def __init__(self, path: str, mesh_shape=(1, 1, 1), dtype: str | None = None):
-        import jax
         devices = jax.devices()[:int(np.prod(mesh_shape))]
         self.mesh = sharding.make_mesh(*mesh_shape, devices=None if len(devices) == jax.device_count() else devices)
-        self.params, self.cfg, self.tokenizer = sample.load_on_mesh(path, self.mesh, dtype)
+        self.params, self.cfg, self.tokenizer = weights.for_serving(path, self.mesh, dtype)
         self.ways = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH]))
 
     def score(self, sequences: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -85,10 +85,8 @@ class Model:
 
 def harness_lm(model: Model, max_gen_toks: int = 256):
     """An lm-evaluation-harness model (lm_eval.api.model.TemplateLM) over `model`."""
-    lm_eval = records.optional("lm_eval", "run lm-evaluation-harness tasks (pip install lm-eval)")
-    from lm_eval.api.model import TemplateLM
+    TemplateLM = records.optional("lm_eval.api.model", "run lm-evaluation-harness tasks (pip install lm-eval)").TemplateLM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-    del lm_eval
 
     class HarnessLM(TemplateLM):
         def __init__(self):
@@ -149,7 +147,7 @@ def harness_lm(model: Model, max_gen_toks: int = 256):
             for (max_gen, (temperature, top_k, top_p), until), items in groups.items():
                 prompts = [self.tok_encode(c, left_truncate_len=self.max_length - max_gen) for _, c in items]
                 generated = model.generate(prompts, max_gen, temperature=temperature, top_k=top_k, top_p=top_p)
-                for (i, context), ids in zip(items, generated):
+                for (i, _), ids in zip(items, generated):
                     out[i] = postprocess_generated_text(model.decode(ids), stop=list(until), think_end_token=None)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
             return out
@@ -210,7 +208,6 @@ def main(argv=None):
     sharding.select_platforms()
     sharding.initialize_distributed()
     model = Model(args.path, tuple(int(n) for n in args.mesh.split(",")), args.dtype)
-    import jax
     main_process = jax.process_index() == 0
     if args.tasks:
         results = run_tasks(model, args.tasks.split(","), args.num_fewshot, args.limit, args.include_path)

@@ -94,8 +94,9 @@ def confine(cpu_seconds, memory_bytes, file_bytes):
               "os.chmod", "os.chown", "os.utime", "os.link", "os.symlink", "os.chroot", "gc.get_",
               "sys._current_frames")
     modules = ("_posixsubprocess", "_ctypes", "ctypes", "_socket", "socket", "multiprocessing", "_multiprocessing")
-    paths = {"os.remove": 1, "os.unlink": 1, "os.rmdir": 1, "shutil.rmtree": 1, "os.mkdir": 1, "os.truncate": 1,
-             "os.rename": 2, "os.replace": 2}
+    # event -> (how many leading arguments are paths, the positions of its dir_fd arguments)
+    paths = {"os.remove": (1, (1,)), "os.unlink": (1, (1,)), "os.rmdir": (1, (1,)), "shutil.rmtree": (1, (1,)),
+             "os.mkdir": (1, (2,)), "os.truncate": (1, ()), "os.rename": (2, (2, 3)), "os.replace": (2, (2, 3))}
     realpath, isabs, join, fsdecode = os.path.realpath, os.path.isabs, os.path.join, os.fsdecode
 
     def inside(path):
@@ -116,11 +117,9 @@ def confine(cpu_seconds, memory_bytes, file_bytes):
                     fsdecode(path)) and not isinstance(path, int))):
                 raise PermissionError("confined: writing " + str(path) + " outside the working directory")
         elif event in paths:
-            n = paths[event]
-            dir_fds = [a for a in args[n:] if isinstance(a, int) and not isinstance(a, bool) and a != -1]
-            if event in ("os.mkdir",):
-                dir_fds = [a for a in args[2:] if isinstance(a, int) and a != -1]  # (path, mode, dir_fd)
-            if dir_fds or not all(inside(p) for p in args[:n] if isinstance(p, (str, bytes))):
+            n, fds = paths[event]
+            relative_to_fd = any(args[i] not in (None, -1) for i in fds if i < len(args))
+            if relative_to_fd or not all(inside(p) for p in args[:n] if isinstance(p, (str, bytes))):
                 raise PermissionError("confined: " + event + " outside the working directory")
 
     sys.addaudithook(hook)

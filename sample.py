@@ -19,52 +19,21 @@ each prompt in ChatML (chat.encode_prompt) and stops at `<|im_end|>`; without `-
 from a seed.
 """
 import argparse
-import dataclasses
 
 import jax
 
-import jax.numpy as jnp
-
 import chat
-import checkpoint
-import data
-import hf
 import serving
 import sharding
-import storage
+import weights
 from generate import check_options, generate
-from tokenizer import Tokenizer
 
 
 def load(path: str):
     """(params on one device, model config, tokenizer) of a training out_dir or checkpoint
-    directory, or of a Hugging Face Llama directory."""
-    if storage.exists(storage.join(path, "COMMIT")) or checkpoint.committed(path):
-        reader = checkpoint.Reader(checkpoint.latest(path))
-        cfg = reader.model_config()
-        one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        params = checkpoint.restore(reader.path, {"params": sharding.param_structs(cfg, one_device)})[0]["params"]
-        return params, cfg, data.checkpoint_tokenizer(reader)
-    cfg, params = hf.load_hf(path)
-    return params, cfg, Tokenizer.from_dir(path)
-
-
-def load_on_mesh(path: str, mesh, dtype: str | None = None):
-    """(params in serving.py's layout on `mesh`, model config, tokenizer) of the same sources as
-    load(); each process reads only the slices its devices hold, cast to the compute dtype
-    (`dtype`, e.g. "float32" to compare with a reference, replaces the model's)."""
-    if storage.exists(storage.join(path, "COMMIT")) or checkpoint.committed(path):
-        reader = checkpoint.Reader(checkpoint.latest(path))
-        cfg = reader.model_config()
-        cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
-        serving.check(cfg, mesh.shape)
-        params = checkpoint.restore(reader, {"params": serving.param_structs(cfg, mesh)})[0]["params"]
-        return params, cfg, data.checkpoint_tokenizer(reader)
-    cfg = hf.read_config(path)
-    cfg = dataclasses.replace(cfg, dtype=dtype) if dtype else cfg
-    serving.check(cfg, mesh.shape)
-    shardings = jax.tree.map(lambda s: s.sharding, serving.param_structs(cfg, mesh))
-    return hf.load_hf(path, shardings, dtype=jnp.dtype(cfg.dtype))[1], cfg, Tokenizer.from_dir(path)
+    directory, or of a Hugging Face Llama directory (weights.py)."""
+    one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return weights.load(path, lambda cfg: sharding.param_structs(cfg, one_device))
 
 
 def main(argv=None):
@@ -92,7 +61,7 @@ def main(argv=None):
             mesh = sharding.make_mesh(*(int(n) for n in args.mesh.split(",")))
         except (TypeError, ValueError) as e:
             parser.error(f"--mesh={args.mesh}: {e}")
-        params, cfg, tokenizer = load_on_mesh(args.path, mesh)
+        params, cfg, tokenizer = weights.for_serving(args.path, mesh)
         if args.prompt is None and jax.process_count() > 1:
             parser.error("several processes cannot share an interactive chat: pass --prompt")
     else:

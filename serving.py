@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import attention
 import generate as single
 import model
-from sharding import BATCH, _all_gather, embed_rows, target_logprobs
+from sharding import BATCH, embed_rows, target_logprobs
 
 
 def replicated_kv(cfg: model.Config, tensor: int) -> bool:
@@ -147,7 +147,7 @@ def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
     h = model.rms_norm(last[:, None], params["norm"], cfg.norm_eps)
     logits = model.logits_from_hidden(params, h, cfg)[:, 0]  # [B, V_tensor] fp32
     # logits[B, V_tensor] -> all-gather over tensor -> [B, V]: every chip samples the same token
-    return _all_gather(logits, "tensor", 1), {"k": k, "v": v}
+    return jax.lax.all_gather(logits, "tensor", axis=1, tiled=True), {"k": k, "v": v}
 
 
 @partial(jax.jit, static_argnames=("cfg", "mesh", "vocab_size"), donate_argnames="cache")

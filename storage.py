@@ -55,20 +55,12 @@ def join(path: str, *parts: str) -> str:
     return posixpath.join(path, *parts) if is_remote(path) else os.path.join(path, *parts)
 
 
-def parent(path: str) -> str:
-    return posixpath.dirname(path.rstrip("/")) if is_remote(path) else os.path.dirname(os.path.abspath(path))
-
-
 def exists(path: str) -> bool:
     return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
 
 
 def isfile(path: str) -> bool:
     return _fs(path).isfile(path) if is_remote(path) else os.path.isfile(path)
-
-
-def isdir(path: str) -> bool:
-    return _fs(path).isdir(path) if is_remote(path) else os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:

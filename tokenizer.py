@@ -14,10 +14,12 @@ import storage
 class Tokenizer:
     """A sentencepiece model plus added special tokens with ids after the base vocabulary."""
 
-    def __init__(self, model_path: str, added_tokens: tuple[str, ...] = ()):
-        if not storage.isfile(model_path):
+    def __init__(self, model_path: str, added_tokens: tuple[str, ...] = (), model_proto: bytes | None = None):
+        """model_proto: the file's bytes when the caller has read them already (and checked them)."""
+        if model_proto is None and not storage.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
-        self.model_path, self.model_proto = model_path, storage.read_bytes(model_path)  # the file's bytes
+        self.model_path = model_path
+        self.model_proto = storage.read_bytes(model_path) if model_proto is None else model_proto
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         base = self.sp.get_piece_size()
         self.added = {tok: base + i for i, tok in enumerate(added_tokens)}

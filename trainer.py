@@ -26,12 +26,12 @@ import checkpoint
 import config
 import data
 import generate
-import hf
 import model
 import recovery
 import sharding
 import storage
 import tracking
+import weights
 
 # peak dense bf16 FLOP/s per device, by jax's device_kind; unknown (e.g. a CPU) -> no MFU
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
@@ -97,16 +97,12 @@ def load_params(init_from: str, mcfg: model.Config, mesh):
     """Sharded params from "hf:DIR" (a Hugging Face Llama) or "ckpt:DIR" (a checkpoint or a run's
     out_dir); each process reads only the slices its devices hold."""
     kind, _, path = init_from.partition(":")
-    if kind == "hf":
-        saved_cfg = hf.read_config(path)
-    else:
-        path = checkpoint.latest(path)
-        saved_cfg = checkpoint.Reader(path).model_config()
-    if model.math_of(saved_cfg) != model.math_of(mcfg):
-        raise ValueError(f"{init_from}: the saved model {saved_cfg} is not the configured {mcfg}")
-    if kind == "hf":
-        return hf.load_hf(path, sharding.param_shardings(mcfg, mesh))[1]
-    return checkpoint.restore(path, {"params": sharding.param_structs(mcfg, mesh)})[0]["params"]
+
+    def structs_of(saved_cfg):
+        if model.math_of(saved_cfg) != model.math_of(mcfg):
+            raise ValueError(f"{init_from}: the saved model {saved_cfg} is not the configured {mcfg}")
+        return sharding.param_structs(mcfg, mesh)
+    return weights.read(path, structs_of, kind=kind)[0]
 
 
 def stop_sharding(mesh):

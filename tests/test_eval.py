@@ -113,47 +113,17 @@ def test_a_tiny_models_generations_go_to_a_samples_file_and_a_score(tokenizer, t
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"pass@1": 1.0}
 
 
-MC_TASK = """task: tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/choice.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "def {{{{question}}}} ->"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
-GEN_TASK = """task: tiny_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/generate.jsonl
-test_split: test
-output_type: generate_until
-doc_to_text: "def {{{{name}}}}("
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["\\n\\n", ":"]
-  max_gen_toks: 10
-  do_sample: false
-metric_list:
-  - metric: exact_match
-"""
-ROLLING_TASK = """task: tiny_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/rolling.jsonl
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-"""
+# the three local tasks, as the harness's task YAML (written as JSON, which YAML reads): name ->
+# (output type, fields)
+TASKS = {
+    "choice": ("multiple_choice", {"doc_to_text": "def {{question}} ->", "doc_to_choice": "{{choices}}",
+                                   "doc_to_target": "{{answer}}", "metric_list": [{"metric": "acc"}]}),
+    "generate": ("generate_until", {"doc_to_text": "def {{name}}(", "doc_to_target": "{{target}}",
+                                    "generation_kwargs": {"until": ["\n\n", ":"], "max_gen_toks": 10, "do_sample": False},
+                                    "metric_list": [{"metric": "exact_match"}]}),
+    "rolling": ("loglikelihood_rolling", {"doc_to_text": "", "doc_to_target": "{{text}}",
+                                          "metric_list": [{"metric": "word_perplexity"}]}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -189,8 +159,10 @@ def harness(tmp_path_factory):
             "rolling": [{"text": prompts[i][:700]} for i in (5, 6)]}
     for name, docs in rows.items():
         (root / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    for name, task in (("choice", MC_TASK), ("generate", GEN_TASK), ("rolling", ROLLING_TASK)):
-        (root / f"{name}.yaml").write_text(task.format(data=root))
+    for name, (output_type, fields) in TASKS.items():
+        (root / f"{name}.yaml").write_text(json.dumps({
+            "task": f"tiny_{name}", "dataset_path": "json", "test_split": "test", "output_type": output_type,
+            "dataset_kwargs": {"data_files": {"test": str(root / f"{name}.jsonl")}}, **fields}))
     return root
 
 

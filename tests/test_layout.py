@@ -57,7 +57,7 @@ LAYERS = [
     ("parallelism", {"sharding", "serving"}),
     ("configuration", {"config"}),
     ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
-    ("data", {"records", "chat", "demo", "data"}),
+    ("data", {"records", "chat", "demo", "data", "weights"}),
     ("the loop", {"recovery", "tracking", "trainer"}),
     ("evaluation", {"humaneval"}),
     ("entry points", {"train", "sft", "sample", "convert", "aot", "plot", "ablate", "eval"}),
