@@ -12,6 +12,9 @@ memory to spare, so nothing is recomputed; `--remat` changes it), compute dtype 
 Theirs: transformers' LlamaForCausalLM (same dims, untied embeddings, its default attention
 implementation), model.train(), loss from `labels=`, loss.backward(), clip_grad_norm_(1.0),
 torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0), zero_grad(set_to_none=True).
+`--dtype bfloat16` computes in bf16 on both sides over fp32 params (torch.autocast for HF);
+`--device gpu`, `--attention`, `--hf_attention`, `--fused_adamw` and `--torch_compile` are the
+settings of bench/gpu.py, which calls `ours` and `hf` below on one GPU.
 
 One worker process per side, both pinned to the same first `--threads` cores
 (os.sched_setaffinity, like taskset) plus torch.set_num_threads(threads); XLA sizes its CPU thread
@@ -46,6 +49,13 @@ def parse_args(argv=None):
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--remat", default="none", help="our model.Config.remat: none, dots or full")
+    parser.add_argument("--dtype", default="float32", help="compute dtype: float32, or bfloat16 (fp32 params "
+                        "on both sides: our model.Config.dtype, torch.autocast for HF)")
+    parser.add_argument("--attention", default="auto", help="our model.Config.attention")
+    parser.add_argument("--hf_attention", default=None, help="HF attn_implementation (default: its own)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"), help="where both sides run")
+    parser.add_argument("--fused_adamw", action="store_true", help="torch.optim.AdamW(fused=True)")
+    parser.add_argument("--torch_compile", action="store_true", help="torch.compile the HF model")
     parser.add_argument("--xla_flags", default="", help="extra XLA_FLAGS for our worker (default: none)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="cores for each side")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
@@ -62,23 +72,31 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- the two workers
 
+def model_config(args):
+    """Our model.Config of the benchmark's dims (the HF side builds the same model)."""
+    import model
+    return model.Config(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                        n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=args.seq, dtype=args.dtype,
+                        remat=args.remat, attention=args.attention)
+
+
 def ours(args):
-    """Our step. Returns (step(), matmul_rate()); step() runs one optimizer step to completion."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    """Our step. Returns (step(), matmul_rate(), meta); step() runs one optimizer step to completion."""
+    if args.device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    import attention
     import config
     import model
     import sharding
     import trainer
 
-    mcfg = model.Config(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                        n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=args.seq, dtype="float32",
-                        remat=args.remat)
+    mcfg = model_config(args)
     tcfg = config.TrainConfig(model=mcfg, batch_size=args.batch, seq_len=args.seq, microbatches=1,
                               mesh=(1, 1, 1), lr=3e-4, warmup_steps=0, steps=10 ** 6)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -93,8 +111,8 @@ def ours(args):
         holder["state"], metrics = step_fn(holder["state"], batch, go_on)
         return float(metrics["loss"])  # waits for the step
 
-    n = 2048
-    a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), np.float32))
+    n = 2048 if args.device == "cpu" else 8192
+    a = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), np.float32), args.dtype)
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
 
@@ -107,30 +125,50 @@ def ours(args):
         return 2 * n ** 3 / best
 
     meta = {"flops_per_token": model.flops_per_token(mcfg, args.seq), "params": model.param_count(mcfg),
-            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "attention": attention.resolve(mcfg.attention, jax.devices()[0].platform),
+            "device_kind": jax.devices()[0].device_kind, "peak_memory": lambda: peak_memory(jax.devices()[0])}
     return step, matmul_rate, meta
 
 
+def peak_memory(device):
+    """Bytes the JAX device has held at most so far (None where the backend does not say)."""
+    stats = device.memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
 def hf(args):
-    """Hugging Face LlamaForCausalLM + torch AdamW, same dims, fp32."""
+    """Hugging Face LlamaForCausalLM + torch AdamW, same dims: fp32 params, compute in args.dtype
+    (torch.autocast when bfloat16)."""
+    import contextlib
+
     import torch
     import transformers
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = "cuda" if args.device == "gpu" else "cpu"
     cfg = transformers.LlamaConfig(vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=args.ffn,
                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
                                    num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq,
                                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
                                    attention_bias=False, mlp_bias=False)
-    net = transformers.LlamaForCausalLM(cfg).float()
+    if args.hf_attention:
+        cfg._attn_implementation = args.hf_attention
+    with torch.device(device):  # initialised where it runs
+        net = transformers.LlamaForCausalLM(cfg).float()
     net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    forward = torch.compile(net) if args.torch_compile else net
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0,
+                            fused=args.fused_adamw or None)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    compute = (torch.autocast(device, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+               else contextlib.nullcontext())
 
     def step():
-        loss = net(input_ids=tokens, labels=tokens).loss
+        with compute:
+            loss = forward(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
@@ -138,7 +176,10 @@ def hf(args):
         return loss.item()
 
     meta = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "attn_implementation": net.config._attn_implementation}
+            "attn_implementation": net.config._attn_implementation,
+            "device_kind": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "matmul_params": sum(p.numel() for p in net.parameters()) - args.vocab * args.dim,
+            "peak_memory": torch.cuda.max_memory_allocated if device == "cuda" else lambda: None}
     return step, None, meta
 
 
@@ -147,9 +188,10 @@ def worker(args):
     os.sched_setaffinity(0, range(args.threads))
     start = time.perf_counter()
     step, matmul_rate, meta = (ours if args.worker == "ours" else hf)(args)
+    peak_memory = meta.pop("peak_memory")
     loss = step()  # compile (ours) / warm up (theirs)
     step()
-    meta.update(setup_seconds=time.perf_counter() - start, first_loss=loss)
+    meta.update(setup_seconds=time.perf_counter() - start, first_loss=loss, peak_memory=peak_memory())
     print(json.dumps(meta), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -207,7 +249,8 @@ def main(argv):
     flops = a.meta["flops_per_token"]
     print(f"model: dim {args.dim}, {args.layers} layers, {args.heads} heads, {args.kv_heads} kv heads, "
           f"ffn {args.ffn}, vocab {args.vocab}, {a.meta['params']:,} params; batch {args.batch} x seq {args.seq}, "
-          f"fp32, {args.threads} threads each; ours: remat={args.remat}; HF attention: {b.meta['attn_implementation']}")
+          f"{args.dtype}, {args.threads} threads each; ours: remat={args.remat}; "
+          f"HF attention: {b.meta['attn_implementation']}")
     print(f"setup (compile / warm-up): ours {a.meta['setup_seconds']:.1f} s, HF {b.meta['setup_seconds']:.1f} s; "
           f"first loss ours {a.meta['first_loss']:.3f}, HF {b.meta['first_loss']:.3f}")
     print("ours tokens/s per run: " + ", ".join(f"{r:,.0f}" for r in ours_rates))

@@ -72,3 +72,26 @@ def test_each_platform_gets_the_kernel_it_can_run(choice, platform, segments, ex
     else:
         with pytest.raises(ValueError, match=expected):
             attention.resolve(choice, platform, segments)
+
+
+def test_cudnn_composes_with_the_sharded_step(monkeypatch):
+    """attention="cudnn" inside the shard_map program (fsdp 2 x tensor 2, remat, gradients) traces
+    to cuDNN's own forward and backward kernels. Only traced: the CPU cannot run cuDNN, so JAX's
+    cuDNN detection is faked (a private module: skipped when it moves); bench/gpu.py runs it."""
+    fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
+    if not all(hasattr(fused, f) for f in ("check_cudnn_version", "check_compute_capability",
+                                           "is_cuda_compute_capability_equal")):
+        pytest.skip("this jax detects cuDNN differently")
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)  # a Hopper GPU with cuDNN 9.10
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    monkeypatch.setattr(fused, "is_cuda_compute_capability_equal", lambda capability: False)
+    causal = model.causal
+    monkeypatch.setattr(model, "causal", lambda cfg, platform, segment_ids=None: causal(cfg, "gpu", segment_ids))
+    cfg = model.Config(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=128,
+                       attention="cudnn")
+    mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
+    params = sharding.param_structs(cfg, mesh)
+    tokens = jax.ShapeDtypeStruct((4, 129), jnp.int32)
+    traced = jax.jit(partial(sharding.loss_and_grad, cfg=cfg, mesh=mesh)).trace(params, tokens)
+    text = str(traced.jaxpr)
+    assert "dot_product_attention_fwd" in text and "dot_product_attention_bwd" in text
