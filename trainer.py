@@ -36,7 +36,7 @@ import weights
 # peak dense bf16 FLOP/s per device, by jax's device_kind; unknown (e.g. a CPU) -> no MFU
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
               "TPU v6 lite": 918e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12,
-              "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12}
+              "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12}
 
 
 # ----------------------------------------------------------------------------- optimizer

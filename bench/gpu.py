@@ -14,7 +14,7 @@ rewritten after every measurement, so whatever finished is kept if the machine i
                softmax in fp32; the sharded train step on a mesh of all devices: in fp32 it equals
                the unsharded model, in bf16 every implementation's three steps follow jnp's; the
                bf16 matmul rate (8192^3), the ceiling beside the datasheet's peak
-  step/...     the train step (forward, backward, clip, Adam) of a ~1.1B Llama (dim 2048, 16 layers,
+  step/...     the train step (forward, backward, clip, Adam) of a 0.89B Llama (dim 2048, 16 layers,
                16 heads on 8 kv heads, ffn 5632, vocab 32000) at seq 2048, bf16 compute over fp32
                params on both sides: ours with each implementation, then transformers + torch with
                sdpa and eager attention (autocast, AdamW(fused=True)); tokens/s, MFU against the
@@ -49,22 +49,26 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 PACKAGES = ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "jax-cuda12-plugin", "jax-cuda12-pjrt",
             "torch", "transformers", "optax", "numpy", "sentencepiece", "safetensors", "tqdm", "tensorboard")
-# the ~1.1B Llama of the step check, and the tiny sizes of --smoke (flags of bench/step.py)
+# the 0.89B Llama of the step check, and the tiny sizes of --smoke (flags of bench/step.py)
 LLAMA_1B = dict(dim=2048, layers=16, heads=16, kv_heads=8, ffn=5632, vocab=32000, seq=2048, batch=4)
 SMOKE = dict(dim=64, layers=2, heads=4, kv_heads=2, ffn=128, vocab=256, seq=64, batch=2)
 ATTENTION_SIZES = [(8, 2048), (2, 8192)]  # (batch, seq); 16 heads on 8 kv heads of 128, as the 1B model
 
 
 def checks(smoke: bool, gpu: bool) -> list:
-    """(name, worker options, seconds it takes on one H100/H200, optional) in the order they run."""
+    """(name, worker options, seconds it takes on one H100/H200 (estimates: XLA autotunes every
+    matmul shape of a program on a GPU), optional) in the order they run. Our fastest path and the
+    two HF steps it is measured against come before our jnp step, whose program has four times as
+    many matmul shapes to tune."""
     impls = ["cudnn", "jnp"] if gpu else ["jnp"]
     dims = SMOKE if smoke else LLAMA_1B
-    steps = [(f"step/ours-{impl}", {"worker": "step", "side": "ours", "attention": impl}, 60, False) for impl in impls]
-    steps += [(f"step/hf-{attn}", {"worker": "step", "side": "hf", "attention": attn}, 25, False)
-              for attn in ("sdpa", "eager")]
-    out = [("env", {"worker": "env"}, 5, False), ("correctness", {"worker": "correctness", "impls": impls}, 45, False),
-           *steps, ("attention", {"worker": "attention", "impls": impls}, 40, False),
-           ("compile", {"worker": "step", "side": "hf", "attention": "sdpa", "compile": True}, 120, True)]
+    ours = lambda impl, seconds: (f"step/ours-{impl}", {"worker": "step", "side": "ours", "attention": impl},
+                                  seconds, False)
+    hf = lambda attn: (f"step/hf-{attn}", {"worker": "step", "side": "hf", "attention": attn}, 30, False)
+    out = [("env", {"worker": "env"}, 5, False), ("correctness", {"worker": "correctness", "impls": impls}, 80, False),
+           *[ours(impl, 75) for impl in impls if impl != "jnp"], hf("eager"), hf("sdpa"), ours("jnp", 120),
+           ("attention", {"worker": "attention", "impls": impls}, 90, False),
+           ("compile", {"worker": "step", "side": "hf", "attention": "sdpa", "compile": True}, 150, True)]
     for _, options, _, _ in out:
         options.update(smoke=smoke, gpu=gpu, dims=dims)
     return out
@@ -175,8 +179,13 @@ def correctness_worker(options):
         size = 256 if smoke else 8192
         a = jnp.asarray(np.random.default_rng(1).standard_normal((size, size), np.float32), jnp.bfloat16)
         dot = jax.jit(jnp.dot)
-        best = attention_bench.best_of(lambda: dot(a, a).block_until_ready(), 10)
-        emit("matmul", ok=True, size=size, bf16_flops_per_sec=2 * size ** 3 / best)
+
+        def ten():  # queued back to back, so no call waits on the host
+            for _ in range(10):
+                out = dot(a, a)
+            out.block_until_ready()
+        best = attention_bench.best_of(ten, 5)
+        emit("matmul", ok=True, size=size, bf16_flops_per_sec=10 * 2 * size ** 3 / best)
 
     for part, fn in [("attention", attention_check), ("sharded_fp32", sharded_equals_unsharded),
                      ("sharded_bf16_steps", bf16_check), ("matmul", matmul)]:
@@ -240,17 +249,21 @@ def trace(step, out):
 
 
 def attention_worker(options):
+    """Each implementation at each size, emitted one by one: the fused kernels at both sizes first,
+    jnp (its compile the longest: 64 query blocks at seq 8192) last."""
     attention_bench = bench_module("attention")
     smoke, gpu = options["smoke"], options["gpu"]
     N, K, H = (4, 2, 16) if smoke else (16, 8, 128)
-    for B, T in [(2, 64), (1, 128)] if smoke else ATTENTION_SIZES:
-        def measure(B=B, T=T):
-            ms = attention_bench.measure(B, T, N, K, H, "bfloat16", [*options["impls"], "sdpa"],
-                                         repeats=1 if smoke else 10, torch_device="cuda" if gpu else "cpu")["ms"]
-            flops = attention_bench.causal_flops(B, T, N, H)
-            emit(f"seq{T}", ok=True, dims=dict(B=B, T=T, N=N, K=K, H=H), ms=ms,
-                 tflops_per_sec={name: flops / value / 1e9 for name, value in ms.items()})
-        attempt(f"seq{T}", measure)
+    sizes = [(2, 64), (1, 128)] if smoke else ATTENTION_SIZES
+    order = [impl for impl in options["impls"] if impl != "jnp"] + ["sdpa", "jnp"]
+    for impl in order:
+        for B, T in sizes:
+            def measure(B=B, T=T, impl=impl):
+                (ms,) = attention_bench.measure(B, T, N, K, H, "bfloat16", [impl], repeats=1 if smoke else 10,
+                                                torch_device="cuda" if gpu else "cpu")["ms"].values()
+                emit(f"{impl}-seq{T}", ok=True, impl=impl, dims=dict(B=B, T=T, N=N, K=K, H=H), ms=ms,
+                     tflops_per_sec=attention_bench.causal_flops(B, T, N, H) / ms / 1e9)
+            attempt(f"{impl}-seq{T}", measure)
 
 
 WORKERS = {"env": env_worker, "correctness": correctness_worker, "step": step_worker, "attention": attention_worker}
@@ -350,9 +363,11 @@ def format_trace(summary: dict) -> str:
 
 def run_check(name, options, timeout, record, save, log):
     """Run one check's worker; every measurement it emits lands in record["parts"] and is saved."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    # JAX takes GPU memory as it needs it (the attention worker shares the GPU with torch), up to
+    # 95% of it (its default cap is 75%: 60 GB of an 80 GB H100)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+           "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "JAX_PLATFORMS": "cuda" if options["gpu"] else "cpu"}
     if not options["gpu"]:
-        env["JAX_PLATFORMS"] = "cpu"
         if options["worker"] == "correctness":  # a real mesh on the CPU
             env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     log.write(f"===== {name}\n")
@@ -382,7 +397,7 @@ def run_check(name, options, timeout, record, save, log):
         proc.wait()
         record["error"] = f"timed out after {timeout:.0f} s"
     reader.join()
-    parts = record["parts"].values()
+    parts = [value for part, value in record["parts"].items() if part != "trace"]  # a profile is no verdict
     record.update(seconds=time.monotonic() - start, exit_code=proc.returncode,
                   ok=proc.returncode == 0 and bool(parts) and all(p.get("ok") for p in parts))
     if proc.returncode and "error" not in record:
@@ -393,8 +408,7 @@ def run_check(name, options, timeout, record, save, log):
 
 def has_gpu() -> bool:
     """An NVIDIA GPU is attached (asked without starting CUDA in this process)."""
-    import shutil
-    return bool(shutil.which("nvidia-smi") and glob.glob("/dev/nvidia[0-9]*"))
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
 def goals(results) -> dict:
@@ -448,9 +462,9 @@ def table(results) -> str:
             row(f"{name}: {timing['params'] / 1e9:.2f}B params, batch {dims['batch']} x seq {dims['seq']}",
                 f"{timing['tokens_per_sec']:,.0f} tokens/s", f"{mfu}{memory}{ratio}")
     for value in parts("attention").values():
-        for impl, ms in value.get("ms", {}).items():
-            row(f"attention fwd+bwd {impl}, batch {value['dims']['B']} x seq {value['dims']['T']}", f"{ms:.2f} ms",
-                f"{value['tflops_per_sec'][impl]:.0f} TFLOP/s")
+        if value.get("ok"):
+            row(f"attention fwd+bwd {value['impl']}, batch {value['dims']['B']} x seq {value['dims']['T']}",
+                f"{value['ms']:.2f} ms", f"{value['tflops_per_sec']:.0f} TFLOP/s")
     for name, check in checks.items():
         if check.get("ok") is None:
             row(name, "skipped", check.get("skipped", ""))
@@ -476,13 +490,14 @@ def main(argv):
         options = json.loads(args.worker)
         return attempt(options["worker"], WORKERS[options["worker"]], options)
 
-    os.makedirs(args.out, exist_ok=True)
+    out = os.path.abspath(args.out)  # the workers run in the repository root
+    os.makedirs(out, exist_ok=True)
     gpu = has_gpu()
     results = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "smoke": args.smoke, "gpu": gpu,
                "budget_seconds": args.budget, "dims": SMOKE if args.smoke else LLAMA_1B, "checks": {}}
     if not gpu:
         results["not_checked"] = "cuDNN attention: no NVIDIA GPU here"
-    path = os.path.join(args.out, "gpu.json")
+    path = os.path.join(out, "gpu.json")
     lock = threading.Lock()
 
     def save():
@@ -491,7 +506,7 @@ def main(argv):
         os.replace(path + ".tmp", path)
 
     start, only = time.monotonic(), set(filter(None, args.only.split(",")))
-    with open(os.path.join(args.out, "log.txt"), "w") as log:
+    with open(os.path.join(out, "log.txt"), "w") as log:
         for name, options, seconds, optional in checks(args.smoke, gpu):
             if only and name.split("/")[0] not in only:
                 continue
@@ -505,15 +520,15 @@ def main(argv):
             else:
                 print(f"{name} ...", flush=True)
                 # the first of our steps that runs records the trace
-                traced = any(c.get("parts", {}).get("trace", {}).get("ok") for c in results["checks"].values())
-                options.update(out=args.out, trace=options.get("side") == "ours" and not traced)
+                traced = any("trace" in c.get("parts", {}) for c in results["checks"].values())
+                options.update(out=out, trace=options.get("side") == "ours" and not traced)
                 run_check(name, options, left if args.smoke else max(30, min(left, 3 * seconds)), record, save, log)
                 print(f"{name}: {'ok' if record['ok'] else 'FAILED'} in {record['seconds']:.0f} s "
                       f"{record.get('error', '')}", flush=True)
             save()
     results.update(goals=goals(results), seconds=time.monotonic() - start)
     save()
-    with open(os.path.join(args.out, "gpu.md"), "w") as f:
+    with open(os.path.join(out, "gpu.md"), "w") as f:
         f.write(table(results))
     print(table(results))
     print(json.dumps({"ok": all(c["ok"] is not False for c in results["checks"].values()),
