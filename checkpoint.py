@@ -35,8 +35,9 @@ them and data.run_tokenizer rebuilds theirs from the run config.
 
 Shards are stored in the safetensors layout (tensorfile.py) under names
 `path@start:stop,start:stop`: the global slice each shard holds. Restoring builds every array
-with `jax.make_array_from_callback` for the *target* sharding, copying each requested slice out
-of whichever saved shards overlap it (byte ranges, so a process reads only what it needs).
+with `jax.make_array_from_callback` (tensorfile.sharded_array) for the *target* sharding, copying
+each requested slice out of whichever saved shards overlap it (byte ranges, so a process reads
+only what it needs, and a slice several of its devices hold once).
 That is why a checkpoint restores onto a different mesh or process count.
 """
 import json
@@ -317,6 +318,6 @@ def restore(path, target):
     for key, spec in _flat(target):
         if key in reader.pieces and reader.shape(key) != tuple(spec.shape):
             raise ValueError(f"{path}: {key} was saved with shape {reader.shape(key)}, expected {spec.shape}")
-        leaves.append(jax.make_array_from_callback(
+        leaves.append(tensorfile.sharded_array(
             spec.shape, spec.sharding, lambda idx, k=key, s=spec: reader.read(k, idx).astype(s.dtype)))
     return jax.tree.unflatten(jax.tree.structure(target), leaves), reader

@@ -25,7 +25,7 @@ import numpy as np
 
 import model
 import storage
-from tensorfile import SafetensorsDir, write_safetensors
+from tensorfile import SafetensorsDir, sharded_array, write_safetensors
 
 # our param -> (HF name template, how its dims map): "identity" or a transpose whose HF dims are
 # (out, in) and whose "out" dim is split into the trailing our-dims of `out_dims` (heads, head_dim).
@@ -178,7 +178,7 @@ def load_hf(path: str, shardings=None, dtype=np.float32):
     the compute dtype for serving.py, cast slice by slice as read).
 
     With `shardings` (a tree of jax.sharding.Sharding shaped like the params), every param is built
-    with jax.make_array_from_callback: each process reads only the slices its devices hold.
+    with jax.make_array_from_callback: each process reads only the slices its devices hold, each once.
     """
     cfg = read_config(path)
     ckpt = SafetensorsDir(path)
@@ -196,7 +196,7 @@ def load_hf(path: str, shardings=None, dtype=np.float32):
     for key, shape in flatten(model.param_shapes(cfg)):
         full = tuple(slice(None) for _ in shape)
         if key in shard_tree:
-            array = jax.make_array_from_callback(shape, shard_tree[key], lambda idx, k=key, s=shape: read(k, s, idx))
+            array = sharded_array(shape, shard_tree[key], lambda idx, k=key, s=shape: read(k, s, idx))
         else:
             array = jax.numpy.asarray(read(key, shape, full))
         params.append((key, array))

@@ -16,6 +16,7 @@ import math
 import struct
 import zlib
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -99,6 +100,20 @@ def byte_runs(shape: tuple, index: tuple, itemsize: int) -> tuple[list, tuple]:
         base = sum(i * st for i, st in zip(outer, strides))
         runs.append((base + lo * strides[k - 1], base + hi * strides[k - 1]))
     return runs, out_shape
+
+
+def sharded_array(shape: tuple, sharding, read):
+    """jax.make_array_from_callback(shape, sharding, read) reading each distinct slice once. JAX
+    asks once per local device, so devices that hold the same slice (replicas over a data axis,
+    serving's rows) would each read it again from the file or the bucket."""
+    slices = {}
+
+    def read_once(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)  # slices are not hashable before 3.12
+        if key not in slices:
+            slices[key] = read(index)
+        return slices[key]
+    return jax.make_array_from_callback(shape, sharding, read_once)
 
 
 def chunk_checksums(data, chunk_bytes: int) -> list[int]:

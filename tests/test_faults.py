@@ -1,5 +1,6 @@
 """Nothing lost, nothing silently wrong: kills at any moment, corrupt and non-finite checkpoints, a
 resume with another model, preemption of one host of two, and the messages of what goes wrong."""
+import collections
 import dataclasses
 import json
 import logging
@@ -241,3 +242,18 @@ def test_a_save_clears_uncommitted_leftovers_and_keeps_the_newest(one_checkpoint
     params = sharding.init_params_sharded(MICRO, mesh, jax.random.key(0))
     checkpoint.save(out_dir, 2, {"params": params}, {}, {"model": dataclasses.asdict(MICRO)}, keep=1)
     assert sorted(os.listdir(out_dir)) == ["config.json.tmp", "step_00000002"]
+
+
+def test_a_slice_several_devices_hold_is_read_once(one_checkpoint, monkeypatch):
+    """Restored onto data 2 x tensor 2, every param slice is held by two devices or more: each distinct
+    slice is read from the checkpoint once, and the params equal a restore onto the saving mesh."""
+    path, mesh = one_checkpoint
+    expected, _ = checkpoint.restore(path, {"params": sharding.param_structs(MICRO, mesh)})
+    reads, read = collections.Counter(), checkpoint.Reader.read
+    monkeypatch.setattr(checkpoint.Reader, "read", lambda self, key, index=(): reads.update(
+        [(key, tuple((s.start, s.stop) for s in index))]) or read(self, key, index))
+    replicated = sharding.make_mesh(2, 1, 2, devices=jax.devices()[:4])
+    state, _ = checkpoint.restore(path, {"params": sharding.param_structs(MICRO, replicated)})
+    assert len(reads) > len(jax.tree.leaves(expected)) and set(reads.values()) == {1}, reads  # tensor halves
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(a, b)
