@@ -175,17 +175,10 @@ def correctness_worker(options):
         learns = all(ls[-1] < ls[0] and all(np.isfinite(ls)) for ls in losses.values())
         emit("sharded_bf16_steps", ok=follows and learns, losses=losses, mesh=list(mesh.shape.values()))
 
-    def matmul():
+    def matmul():  # 10 products queued per timing, so none waits on the host
         size = 256 if smoke else 8192
-        a = jnp.asarray(np.random.default_rng(1).standard_normal((size, size), np.float32), jnp.bfloat16)
-        dot = jax.jit(jnp.dot)
-
-        def ten():  # queued back to back, so no call waits on the host
-            for _ in range(10):
-                out = dot(a, a)
-            out.block_until_ready()
-        best = attention_bench.best_of(ten, 5)
-        emit("matmul", ok=True, size=size, bf16_flops_per_sec=10 * 2 * size ** 3 / best)
+        emit("matmul", ok=True, size=size,
+             bf16_flops_per_sec=bench_module("step").matmul_rate(size, "bfloat16", calls=10))
 
     for part, fn in [("attention", attention_check), ("sharded_fp32", sharded_equals_unsharded),
                      ("sharded_bf16_steps", bf16_check), ("matmul", matmul)]:
@@ -219,12 +212,13 @@ def step_worker(options):
     import model
     import trainer
     mcfg = step_bench.model_config(args)
-    matmul_params = model.param_count(mcfg) - mcfg.vocab_size * mcfg.dim
+    params = model.param_count(mcfg)
+    matmul_params = params - mcfg.vocab_size * mcfg.dim
     flops, peak = model.flops_per_token(mcfg, args.seq), trainer.PEAK_FLOPS.get(meta["device_kind"])
     tokens_per_sec = args.batch * args.seq / statistics.median(times)
     # ok: both sides built the same model (HF counts its own matmul params)
     emit("timing", **{**meta, "ok": meta.get("matmul_params", matmul_params) == matmul_params,
-                      "tokens_per_sec": tokens_per_sec, "params": model.param_count(mcfg),
+                      "tokens_per_sec": tokens_per_sec, "params": params,
                       "mfu": flops * tokens_per_sec / peak if peak else None, "peak_flops": peak,
                       "model_flops_per_token": flops, "step_seconds": times, "setup_seconds": setup,
                       "first_loss": first_loss, "peak_memory": peak_memory()})
