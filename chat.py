@@ -3,11 +3,11 @@ with a loss mask on the replies. sft.py trains on them; sample.py prompts with e
 
 Layouts, detected per record: ShareGPT (`conversations: [{from, value}]`), OpenAI (`messages:
 [{role, content}]`), Alpaca (`instruction`, `input`, `output`) and Orca (`system_prompt`,
-`question`, `response`), from any format records.py reads. Each becomes
+`question`, `response`), from any format readers.py reads. Each becomes
 `<|im_start|>{role}\n{content}<|im_end|>\n` per turn, after a bos, ended by an eos. The loss covers
 the assistant turns' content and their `<|im_end|>`, nothing else. Bad records (no known layout,
 an unknown role, empty, not ending with an assistant reply, non-string content, malformed JSON)
-follow records.py's policy: skipped and counted as `file:record: reason`, or raised.
+follow readers.py's policy: skipped and counted as `file:record: reason`, or raised.
 
 Vocabulary. Lemur-Chat's five added tokens (its added_tokens.json: `<pad>` 32000, `<|im_start|>`
 32001, `<|im_end|>` 32002, `<|im_sep|>` 32003, `<|diff_marker|>` 32004) follow the base vocabulary
@@ -19,16 +19,16 @@ subset each epoch), every epoch in a new order (seeded by seed and epoch); whole
 packed in that order into rows of seq_len+1 tokens (next-fit) and the rest of a row is `<pad>`
 with zero weight, so an example is never split across rows and each is seen exactly `epochs`
 times. A conversation longer than a row is truncated and kept if a trainable token remains
-(counted), else dropped (counted). Records are held out for evaluation by records.held_out, the
+(counted), else dropped (counted). Records are held out for evaluation by readers.held_out, the
 rule of pretraining data.
 """
 import collections
 
 import numpy as np
 
-import records
-from records import BadRecord
-from tokenizer import Tokenizer
+from formats import readers
+from formats.readers import BadRecord
+from formats.tokenizer import Tokenizer
 
 CHAT_TOKENS = ("<pad>", "<|im_start|>", "<|im_end|>", "<|im_sep|>", "<|diff_marker|>")
 # ChatML as encode_turns writes it, for Hugging Face's apply_chat_template (exports carry it in
@@ -128,16 +128,16 @@ def encode_prompt(conversation: list, tokenizer: Tokenizer, reply_start: str = "
 
 class Dataset:
     """One source's conversations, encoded and cut to `capacity` tokens: train and held-out lists.
-    skips: the records.Skips of the run; counts: a Counter of examples, truncated and dropped."""
+    skips: the readers.Skips of the run; counts: a Counter of examples, truncated and dropped."""
 
-    def __init__(self, src: records.Source, tokenizer: Tokenizer, capacity: int, skips: records.Skips,
+    def __init__(self, src: readers.Source, tokenizer: Tokenizer, capacity: int, skips: readers.Skips,
                  counts: collections.Counter):
         self.name, self.weight, self.train, self.held_out = src.name, src.weight, [], []
         good = []
-        for path in records.files(src, records.CHAT_FORMATS):
-            for index, raw in records.read(path):
+        for path in readers.files(src, readers.CHAT_FORMATS):
+            for index, raw in readers.read(path):
                 try:
-                    good.append((records.held_out(path, index, src.eval_fraction), turns(records.parse(raw))))
+                    good.append((readers.held_out(path, index, src.eval_fraction), turns(readers.parse(raw))))
                 except BadRecord as e:
                     skips(f"{path}:{index + 1}", str(e))
         for i in range(0, len(good), 4096):  # one sentencepiece call per chunk
@@ -196,7 +196,7 @@ def make_rows(examples: list, seq_len: int, pad_id: int, document_mask: bool) ->
 
 
 class ChatLoader:
-    """trainer.train's loader protocol (that of data.Loader) over a fixed row plan: batch k is rows
+    """train.train's loader protocol (that of data.Loader) over a fixed row plan: batch k is rows
     [k B, (k+1) B) of it."""
 
     def __init__(self, cfg, tokenizer, datasets, rows, process_index=0, process_count=1):

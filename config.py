@@ -54,7 +54,7 @@ class TrainConfig:
     # device mesh sizes (data, fsdp, tensor); their product must equal the device count
     mesh: tuple[int, int, int] = (1, 1, 1)
     seed: int = 0
-    # data: records.Source entries (config files import it as `from data import Source`) mixed by
+    # data: readers.Source entries (config files import it as `from data import Source`) mixed by
     # token weight; empty = the built-in demo corpus (demo.py)
     sources: tuple = ()
     # sentencepiece model; "" = the demo tokenizer built with the demo corpus

@@ -5,7 +5,7 @@ deterministic mixture by tokens -> this process's rows of the global batch.
 
 Packing: each document is [bos] + tokens + [eos]; documents are concatenated and cut into rows of
 seq_len + 1 tokens, no padding, a document's tail carried to the next row of its source. Files,
-formats, the held-out rule and bad records: records.py.
+formats, the held-out rule and bad records: readers.py.
 
 Streams: the data is read as `num_streams` independent streams (default gcd(batch_size, 64), 64 =
 the hosts of a v4-512). Stream j reads files j, j+S, ... of each source's sorted files or, when a
@@ -46,11 +46,9 @@ import zlib
 
 import numpy as np
 
-import chat
-import demo
-import records
-from records import Source  # noqa: F401  (config files write `from data import Source`)
-from tokenizer import Tokenizer
+from formats import demo, readers
+from formats.readers import Source  # noqa: F401  (config files write `from data import Source`)
+from formats.tokenizer import Tokenizer
 
 # a short (stream, source) reads documents for this many more batches at its current rate: fewer,
 # larger refills keep the tokenizer threads busy; the buffers stay a few batches small
@@ -75,16 +73,16 @@ def _documents(src, files, stream, num_streams, seed, held_out, pos, skip):
         found, seen, assigned = False, 0, 0  # documents yielded; records of our kind; those of this stream
         for f in range(first, len(mine)):
             path, rank = mine[order[f]], -1  # rank: of the documents of our kind in this file
-            for index, raw in records.read(path, src.field):
-                if records.held_out(path, index, src.eval_fraction) != held_out:
+            for index, raw in readers.read(path, src.field):
+                if readers.held_out(path, index, src.eval_fraction) != held_out:
                     continue
                 rank += 1
                 if (shared and rank % num_streams != stream) or index < start:
                     continue
                 assigned += 1
                 try:
-                    text = records.document(raw, src.field, path)
-                except records.BadRecord as e:
+                    text = readers.document(raw, src.field, path)
+                except readers.BadRecord as e:
                     skip(f"{path}:{index + 1}", str(e))
                     continue
                 found = True
@@ -172,14 +170,14 @@ class Loader:
                              f" and be divisible by process_count {process_count}")
         self.sources, self.tokenizer, self.seq_len, self.seed = tuple(sources), tokenizer, seq_len, seed
         self.document_mask, self.prefetch, self.num_streams = document_mask, prefetch, num_streams
-        self.files = [records.files(s) for s in self.sources]
+        self.files = [readers.files(s) for s in self.sources]
         total = sum(s.weight for s in self.sources)
         self.weights = [s.weight / total for s in self.sources]
         self.rows_per_stream = batch_size // num_streams
         per_process = num_streams // process_count
         self.streams = range(process_index * per_process, (process_index + 1) * per_process)
         self.process_index, self.process_count = process_index, process_count
-        self._skips, self._eval, self._thread = records.Skips(bad_records), {}, None
+        self._skips, self._eval, self._thread = readers.Skips(bad_records), {}, None
         self._pool = concurrent.futures.ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="tokenize")
         self.row_sources = []  # the source name of each row of the last batch
         self.restore(state or {"batch": 0, "num_streams": num_streams,
@@ -301,7 +299,7 @@ class Loader:
                         rows = np.stack([packer.take(self.seq_len + 1) for _ in range(batch_size)])
                         batches.append(self._batch(rows[local]))
                 except NoDocuments as e:
-                    records.log.warning("%s; it is not evaluated", e)
+                    readers.log.warning("%s; it is not evaluated", e)
                     continue
                 self._eval[n_batches][src.name] = batches
         return self._eval[n_batches]
@@ -330,20 +328,6 @@ def make_loader(cfg, process_index: int = 0, process_count: int = 1, num_streams
     return Loader(sources, Tokenizer(tokenizer_path(cfg)), cfg.seq_len, cfg.batch_size, cfg.seed,
                   document_mask=cfg.document_mask, bad_records=cfg.bad_records, process_index=process_index,
                   process_count=process_count, num_streams=num_streams)
-
-
-def run_tokenizer(run: dict) -> Tokenizer:
-    """The tokenizer of a run config as meta.json holds it, for checkpoints written before they
-    carried their own (checkpoint.Reader.tokenizer() is None): the configured sentencepiece model
-    or the demo one, plus the chat tokens for sft.py runs (the only configs with "epochs")."""
-    path = run["tokenizer"] or demo.corpus(demo.cache_dir(run["out_dir"]))[1]
-    return chat.chat_tokenizer(path) if "epochs" in run else Tokenizer(path)
-
-
-def checkpoint_tokenizer(reader) -> Tokenizer:
-    """The tokenizer of a checkpoint (a checkpoint.Reader): its own copy, or for an older
-    checkpoint the one its run config names."""
-    return reader.tokenizer() or run_tokenizer(reader.meta["config"])
 
 
 def main(argv=None):

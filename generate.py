@@ -8,7 +8,7 @@ The cache holds k/v (L, B, S, K, H) in the compute dtype for S = the prompt plus
 rounded up to 256 (so few cache sizes compile), at most the context. Decoding is greedy
 (temperature 0) or samples with temperature, top-k and top-p (nucleus) from a seed; it stops at a
 stop token (included in the output), after max_new_tokens, or when the context is full. sample.py
-is the command line over this module; trainer.py's loop prints a sample with it at the end of a run.
+is the command line over this module; train.py's loop prints a sample with it at the end of a run.
 """
 import math
 from functools import partial

@@ -1,5 +1,5 @@
 """Talk to a checkpoint or a Hugging Face model: generation with a KV cache (generate.py), on one
-device or batched and sharded over a mesh (serving.py).
+device or batched and sharded over a mesh (decode.py).
 
     python sample.py out/tiny --prompt "def fibonacci(n):"                 # a training out_dir: newest checkpoint
     python sample.py out/tiny_chat --chat --prompt 'What does `shlex.quote` do?'
@@ -23,9 +23,9 @@ import argparse
 import jax
 
 import chat
-import serving
+import decode
 import sharding
-import weights
+from formats import weights
 from generate import check_options, generate
 
 
@@ -41,7 +41,7 @@ def main(argv=None):
     parser.add_argument("path", help="training out_dir, checkpoint directory or Hugging Face Llama directory")
     parser.add_argument("--prompt", action="append",
                         help="generate from this prompt (repeat it for a batch; default: interactive chat)")
-    parser.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of all devices (serving.py)")
+    parser.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of all devices (decode.py)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in ChatML, stop at <|im_end|>")
     parser.add_argument("--system", default="", help="a system message for chat")
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -76,7 +76,7 @@ def main(argv=None):
 
     def run(batch: list) -> list:
         if args.mesh:
-            return serving.generate(params, cfg, mesh, batch, args.max_new_tokens, seed=args.seed, **opts)
+            return decode.generate(params, cfg, mesh, batch, args.max_new_tokens, seed=args.seed, **opts)
         return [generate(params, cfg, tokens, args.max_new_tokens, seed=args.seed, **opts) for tokens in batch]
 
     def text(out: list) -> str:

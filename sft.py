@@ -17,7 +17,7 @@ zero weight). `steps` = ceil(rows of all epochs / batch_size): the last batch is
 empty rows. A batch of 128 *packed rows* sees more than the paper's 128 examples (its trainer
 padded one example per row); steps fall accordingly.
 
-Everything runs through trainer.train: the same step, loop, sharding, checkpoints and resume.
+Everything runs through train.train: the same step, loop, sharding, checkpoints and resume.
 Every process reads and tokenizes all conversations at start (the row plan needs every length),
 then builds only its own rows; the position is one number, the batch index.
 """
@@ -32,17 +32,13 @@ import jax
 import jax.numpy as jnp
 
 import chat
-import checkpoint
 import config
 import data
-import demo
-import hf
 import model
-import records
 import sharding
-import trainer
+import train
 from config import SFTConfig  # noqa: F401  (config files may write `from sft import SFTConfig`)
-
+from formats import checkpoint, demo, hf, readers
 
 # ----------------------------------------------------------------------------- the base model
 
@@ -74,10 +70,10 @@ def resize_vocab(embed, output, vocab_size: int):
 
 
 def load_base(tcfg: SFTConfig, mcfg: model.Config, mesh):
-    """trainer.train's init_params hook: the base params, read sharded (each process its own slices),
+    """train.train's init_params hook: the base params, read sharded (each process its own slices),
     then grown to the chat vocabulary on the devices."""
     old = dataclasses.replace(mcfg, vocab_size=base_config(tcfg.init_from).vocab_size)
-    params = trainer.load_params(tcfg.init_from, old, mesh)
+    params = train.load_params(tcfg.init_from, old, mesh)
     new = sharding.param_shardings(mcfg, mesh)
     embed, output = jax.jit(resize_vocab, static_argnums=2, out_shardings=(new["embed"], new["output"]))(
         params["embed"], params["output"], mcfg.vocab_size)
@@ -89,10 +85,10 @@ def load_base(tcfg: SFTConfig, mcfg: model.Config, mesh):
 def prepare(tcfg: SFTConfig):
     """Read and plan everything: (tcfg with steps and warmup_steps derived, model config,
     tokenizer, datasets, rows, counts of examples, truncations and skips)."""
-    config.validate(tcfg)  # the rest (the model, the mesh) once the model is known, in trainer.train
+    config.validate(tcfg)  # the rest (the model, the mesh) once the model is known, in train.train
     tokenizer = chat.chat_tokenizer(data.tokenizer_path(tcfg))
     mcfg = model_config(tcfg, tokenizer)
-    counts, skips, capacity = collections.Counter(), records.Skips(tcfg.bad_records), tcfg.seq_len + 1
+    counts, skips, capacity = collections.Counter(), readers.Skips(tcfg.bad_records), tcfg.seq_len + 1
     datasets = [chat.Dataset(s, tokenizer, capacity, skips, counts)
                 for s in tcfg.sources or demo.chat_sources(demo.cache_dir(tcfg.out_dir))]
     counts.update({f"skipped: {reason}": n for reason, n in skips.counts.items()})
@@ -112,7 +108,7 @@ def run(tcfg: SFTConfig):
         print(f"sft: {', '.join(f'{ds.name} {len(ds.train)} (+{len(ds.held_out)} held out)' for ds in datasets)}; "
               f"{counts['rows']} rows over {tcfg.epochs} epochs ({fill:.0%} filled) -> {tcfg.steps} steps; "
               + json.dumps({k: v for k, v in counts.items() if k not in ("rows", "tokens")}))
-    return trainer.train(tcfg, mcfg, make_loader=lambda t, i, n: chat.ChatLoader(t, tokenizer, datasets, rows, i, n),
+    return train.train(tcfg, mcfg, make_loader=lambda t, i, n: chat.ChatLoader(t, tokenizer, datasets, rows, i, n),
                          init_params=lambda mcfg, mesh: load_base(tcfg, mcfg, mesh))
 
 

@@ -22,7 +22,7 @@ The per-device program is model.py's own math under `jax.shard_map` with check_v
 knows which values are replicated and transposes every collective correctly: each layer is
 model.layer on this device's gathered weights (its blocks read head counts from the weights), with
 the sequence-parallel collectives passed in as its gather and scatter. Only the optimizer update
-runs outside, in trainer.py.
+runs outside, in train.py.
 """
 import glob
 import importlib.util
@@ -39,6 +39,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import model
 
 BATCH = ("data", "fsdp")  # the mesh axes that split the batch rows
+# peak dense bf16 FLOP/s per device, by jax's device_kind (the loop's MFU, tools/aot.py's estimate);
+# a kind not listed (e.g. a CPU) has no MFU
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12,
+              "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12}
 
 
 # ----------------------------------------------------------------------------- processes and mesh

@@ -4,8 +4,8 @@
     python bench/aot.py --rows 7b       # only the llama2_7b rows
     python bench/aot.py --smoke         # a tiny model on v4-8; tests/test_bench.py runs it
 
-Each row is `aot.compile_train_step(config, topology)` (the same call as `python aot.py CONFIG
---topology=...`): trainer.py's step lowered on the slice's compile-only devices and compiled by
+Each row is `aot.compile_train_step(config, topology)` (the same call as `python -m tools.aot CONFIG
+--topology=...`): train.py's step lowered on the slice's compile-only devices and compiled by
 libtpu. Per chip HBM from `compiled.memory_analysis()`: arguments (the state and one batch),
 temporaries, total = arguments + outputs + temporaries - aliased (the donated state), as
 aot.py returns them (`hbm_bytes`). "mfu" is aot.py's analytic estimate, not a
@@ -24,9 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import aot  # noqa: E402
 import config  # noqa: E402
 import model  # noqa: E402
+from tools import aot  # noqa: E402
 
 # (name, config file or TrainConfig, overrides, topology, model.Config changes: attention, remat)
 ROWS = {

@@ -27,8 +27,8 @@ sys.path.insert(0, ROOT)
 import sentencepiece as spm  # noqa: E402
 
 import data  # noqa: E402
-import demo  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+from formats import demo  # noqa: E402
+from formats.tokenizer import Tokenizer  # noqa: E402
 
 
 def main():

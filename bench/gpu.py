@@ -18,7 +18,7 @@ rewritten after every measurement, so whatever finished is kept if the machine i
                16 heads on 8 kv heads, ffn 5632, vocab 32000) at seq 2048, bf16 compute over fp32
                params on both sides: ours with each implementation, then transformers + torch with
                sdpa and eager attention (autocast, AdamW(fused=True)); tokens/s, MFU against the
-               dense bf16 peak of trainer.PEAK_FLOPS, peak memory (everything at a batch that fits
+               dense bf16 peak of sharding.PEAK_FLOPS, peak memory (everything at a batch that fits
                an 80 GB H100). The first of ours also records a jax.profiler trace of 3 steps and
                summarises it here into DIR/trace_top.txt (top kernels and HLO ops by GPU time):
                a trace folder cannot be brought back from such a machine, nor read there
@@ -119,7 +119,7 @@ def correctness_worker(options):
     import config
     import model
     import sharding
-    import trainer
+    import train
 
     attention_bench = bench_module("attention")
     smoke, impls = options["smoke"], options["impls"]
@@ -159,13 +159,13 @@ def correctness_worker(options):
         cfg = dataclasses.replace(tiny, attention=impl)
         tcfg = config.TrainConfig(model=cfg, batch_size=rows, seq_len=cfg.max_seq_len, microbatches=1,
                                   mesh=tuple(mesh.shape.values()), lr=1e-3, warmup_steps=0, steps=100)
-        tx = trainer.make_optimizer(tcfg)
-        state = trainer.init_state(tx, cfg, mesh, jax.random.key(0))
-        step = trainer.make_train_step(tcfg, tx, cfg, mesh)
+        tx = train.make_optimizer(tcfg)
+        state = train.init_state(tx, cfg, mesh, jax.random.key(0))
+        step = train.make_train_step(tcfg, tx, cfg, mesh)
         batch = sharding.global_batch({"tokens": tokens}, mesh, microbatches=1)
         losses = []
         for _ in range(3):
-            state, metrics = step(state, batch, trainer.stop_flags(mesh, False))
+            state, metrics = step(state, batch, train.stop_flags(mesh, False))
             losses.append(float(metrics["loss"]))
         return losses
 
@@ -210,11 +210,11 @@ def step_worker(options):
         times.append(time.perf_counter() - start)
 
     import model
-    import trainer
+    import sharding
     mcfg = step_bench.model_config(args)
     params = model.param_count(mcfg)
     matmul_params = params - mcfg.vocab_size * mcfg.dim
-    flops, peak = model.flops_per_token(mcfg, args.seq), trainer.PEAK_FLOPS.get(meta["device_kind"])
+    flops, peak = model.flops_per_token(mcfg, args.seq), sharding.PEAK_FLOPS.get(meta["device_kind"])
     tokens_per_sec = args.batch * args.seq / statistics.median(times)
     # ok: both sides built the same model (HF counts its own matmul params)
     emit("timing", **{**meta, "ok": meta.get("matmul_params", matmul_params) == matmul_params,

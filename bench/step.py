@@ -6,7 +6,7 @@
     python bench/step.py --smoke            # tiny sizes; tests/test_bench.py runs it so it cannot rot
     python bench/step.py --xla_flags=--xla_cpu_experimental_ynn_fusion_type=   # extra XLA flags (ours)
 
-Ours: trainer.make_train_step (sharding.py's shard_map program on a (1, 1, 1) mesh, clip + Adam,
+Ours: train.make_train_step (sharding.py's shard_map program on a (1, 1, 1) mesh, clip + Adam,
 donated state) on one microbatch of `batch` rows. Model knobs: remat "none" by default (a CPU has
 memory to spare, so nothing is recomputed; `--remat` changes it), compute dtype fp32.
 Theirs: transformers' LlamaForCausalLM (same dims, untied embeddings, its default attention
@@ -93,18 +93,18 @@ def ours(args):
     import config
     import model
     import sharding
-    import trainer
+    import train
 
     mcfg = model_config(args)
     tcfg = config.TrainConfig(model=mcfg, batch_size=args.batch, seq_len=args.seq, microbatches=1,
                               mesh=(1, 1, 1), lr=3e-4, warmup_steps=0, steps=10 ** 6)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    tx = trainer.make_optimizer(tcfg)
-    state = trainer.init_state(tx, mcfg, mesh, jax.random.key(0))
-    step_fn = trainer.make_train_step(tcfg, tx, mcfg, mesh)
+    tx = train.make_optimizer(tcfg)
+    state = train.init_state(tx, mcfg, mesh, jax.random.key(0))
+    step_fn = train.make_train_step(tcfg, tx, mcfg, mesh)
     tokens = np.random.default_rng(0).integers(0, args.vocab, (args.batch, args.seq + 1), dtype=np.int32)
     batch = sharding.global_batch({"tokens": tokens}, mesh, microbatches=1)
-    holder, go_on = {"state": state}, trainer.stop_flags(mesh, False)
+    holder, go_on = {"state": state}, train.stop_flags(mesh, False)
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], batch, go_on)

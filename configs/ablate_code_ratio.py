@@ -1,7 +1,7 @@
 # The paper's question on the built-in corpus: how the code share of continued pretraining trades
 # code against text. One point per code weight (text weight 1) and seed, each 440 steps of 16 x 256
 # tokens (the same 1.8M tokens per point), about 22 minutes for the 15 points on 2 CPU cores:
-#   python ablate.py configs/ablate_code_ratio.py --set sources.code.weight=0,0.3,1,3,10 \
+#   python -m tools.ablate configs/ablate_code_ratio.py --set sources.code.weight=0,0.3,1,3,10 \
 #       --set seed=0,1,2 --sweep_dir out/ablate_code_ratio
 #   python bench/tradeoff.py out/ablate_code_ratio
 # Weight 0 trains on text only (code is still evaluated); 10 is the paper's 10:1 (91% code). The
@@ -10,9 +10,9 @@
 # more code did. Past 3:1 the code loss stops improving at this scale (BENCHMARKS.md, section 4).
 import dataclasses
 
-import demo
 import model
 from config import TrainConfig
+from formats import demo
 
 sources, tokenizer = demo.corpus(demo.cache_dir("out/tiny"))  # code.jsonl and text.jsonl, built once
 

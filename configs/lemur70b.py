@@ -1,13 +1,13 @@
 # Lemur-70B: continued pretraining of Llama-2-70B on 90B tokens, code:text = 10:1 by tokens, on a
-# TPU v4-512 (256 chips). Run the same command on every host of the pod (README: "Running on a pod"):
+# TPU v4-512 (256 chips). Run the same command on every host of the pod (docs/pods.md#launching-on-a-v4-512):
 #   python train.py configs/lemur70b.py
 # Check that it fits first, on any machine with jax[tpu] installed (compile only):
-#   python train.py configs/lemur70b.py --aot=v4-512
+#   python -m tools.aot configs/lemur70b.py --topology=v4-512
 # and the data mixture, on any machine that can read the bucket:
 #   python data.py configs/lemur70b.py --batches 20
 # Every path is in one Cloud Storage bucket that all hosts read and write (needs
 # requirements-cloud.txt); replace BUCKET with yours. The datasets are as Hugging Face distributes
-# them, copied into the bucket as README "Preparing the Lemur corpus" shows.
+# them, copied into the bucket as docs/data.md#preparing-the-lemur-corpus shows.
 from config import TrainConfig
 from data import Source
 
@@ -29,9 +29,8 @@ config = TrainConfig(
     weight_decay=0.0,  # not in the paper: plain Adam
     batch_size=1024,
     seq_len=4096,
-    # 4 microbatches of 256 rows: 20.2 GiB of 32 per chip with the splash attention kernel (python
-    # aot.py configs/lemur70b.py --topology=v4-512). 2 take 32.1 GiB and fit only with the model's
-    # remat="offload" (layer inputs in host memory: 15.9 GiB; BENCHMARKS.md)
+    # 4 microbatches of 256 rows fit a v4 chip's 32 GiB with the splash kernel; 2 fit only with the
+    # model's remat="offload" (the figures: BENCHMARKS.md, from python -m tools.aot)
     microbatches=4,
     mesh=(1, 32, 8),  # fsdp 32 x tensor 8 = 256 chips
     sources=(
@@ -48,6 +47,6 @@ config = TrainConfig(
     log_every=10,
     eval_every=500,
     eval_batches=1,
-    checkpoint_every=500,  # est. 7-62 s a save, <= 0.25% of training time (README: "Checkpoint cost")
+    checkpoint_every=500,  # est. 7-62 s a save, <= 0.25% of training time (docs/pods.md, "Checkpoint cost")
     keep_checkpoints=3,
 )

@@ -36,7 +36,7 @@ def subprocess_env(devices: int | None = None, **extra) -> dict:
 def runs_dir(tmp_path_factory):
     """A folder for runs of the demo data: its demo_data/ (where demo.cache_dir puts the data of
     any out_dir inside it) holds the demo corpus and chat set, built once for the whole test run."""
-    import demo
+    from formats import demo
     root = tmp_path_factory.mktemp("runs")
     demo.corpus(demo.cache_dir(str(root / "any_run")))
     demo.chat_sources(demo.cache_dir(str(root / "any_run")))

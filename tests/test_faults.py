@@ -3,7 +3,6 @@ resume with another model, preemption of one host of two, and the messages of wh
 import collections
 import dataclasses
 import json
-import logging
 import os
 import random
 import shutil
@@ -16,13 +15,11 @@ import pytest
 from conftest import subprocess_env
 from runs import FAULT, MICRO, SLOW_FEED, run, start, wait_for_step, write_config
 
-import checkpoint
 import config
-import recovery
 import sharding
-import trainer
-from tokenizer import Tokenizer
-
+import train
+from formats import checkpoint
+from formats.tokenizer import Tokenizer
 
 
 def saved_arrays(path) -> dict:
@@ -163,17 +160,13 @@ def test_a_slice_verifies_only_the_chunks_it_reads(one_checkpoint):
     reader.read("params/embed", (slice(0, 10),))
 
 
-def test_checkpoints_from_before_checksums_restore_with_a_warning(one_checkpoint, caplog):
+def test_a_commit_without_checksums_does_not_verify(one_checkpoint):
+    """Every checkpoint lists its checksums in COMMIT: one that lists none is damaged, not trusted."""
     path, mesh = one_checkpoint
-    for name in os.listdir(path):
-        if name.startswith("checksums."):
-            os.remove(os.path.join(path, name))
     with open(os.path.join(path, "COMMIT"), "w") as f:
         json.dump({"step": 1}, f)
-    with caplog.at_level(logging.WARNING, logger="checkpoint"):
-        state, _ = checkpoint.restore(path, {"params": sharding.param_structs(MICRO, mesh)})
-    assert "written before checkpoints carried checksums" in caplog.text
-    assert state["params"]["embed"].shape == (MICRO.vocab_size, MICRO.dim)
+    with pytest.raises(checkpoint.CheckpointError, match="COMMIT: lists no checksums"):
+        checkpoint.restore(path, {"params": sharding.param_structs(MICRO, mesh)})
 
 
 def copy_run(reference, tmp_path):
@@ -189,7 +182,7 @@ RUN = config.TrainConfig(model=MICRO, steps=16, warmup_steps=2, lr=3e-3, end_lr=
 
 def structs():
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
-    return trainer.state_structs(trainer.make_optimizer(RUN), MICRO, mesh)
+    return train.state_structs(train.make_optimizer(RUN), MICRO, mesh)
 
 
 def test_resume_falls_back_past_checkpoints_that_do_not_verify(reference, tmp_path, capsys):
@@ -201,7 +194,7 @@ def test_resume_falls_back_past_checkpoints_that_do_not_verify(reference, tmp_pa
     state["params"]["norm"] = state["params"]["norm"].at[3].set(np.nan)
     meta = {k: v for k, v in reader.meta.items() if k not in ("step", "process_count", "tokenizer")}
     checkpoint.save(out_dir, 12, state, reader.data_states()[0], meta, 10, reader.tokenizer())  # replaces step 12
-    state, reader, data_states = recovery.restore_newest(out_dir, structs(), MICRO)
+    state, reader, data_states = checkpoint.restore_newest(out_dir, structs(), MICRO)
     assert reader.meta["step"] == 8 and checkpoint.committed(out_dir) == [4, 8]
     printed = capsys.readouterr().out
     assert "step_00000016 does not verify" in printed and "checksum mismatch" in printed
@@ -215,7 +208,7 @@ def test_when_no_checkpoint_verifies_the_run_stops_naming_them(reference, tmp_pa
     for step in checkpoint.committed(out_dir):
         flip_byte(os.path.join(checkpoint.step_dir(out_dir, step), "meta.json"), 20)
     with pytest.raises(SystemExit, match=r"(?s)no checkpoint in .* verifies.*step_00000016.*step_00000004"):
-        recovery.restore_newest(out_dir, structs(), MICRO)
+        checkpoint.restore_newest(out_dir, structs(), MICRO)
     assert checkpoint.committed(out_dir) == [4, 8, 12, 16]  # nothing set aside: nothing to fall back to
 
 
@@ -226,10 +219,10 @@ def test_resume_with_another_model_is_refused_before_anything_is_written(referen
     other = dataclasses.replace(MICRO, rope_theta=500000.0)
     tcfg = dataclasses.replace(RUN, model=other, out_dir=out_dir, mesh=(2, 2, 2))
     with pytest.raises(ValueError, match="another model.*rope_theta 10000.0 -> 500000.0"):
-        trainer.train(tcfg)
+        train.train(tcfg)
     with open(os.path.join(out_dir, "config.json")) as f:
         assert f.read() == before
-    recovery.check_same_model(MICRO, dataclasses.replace(MICRO, dtype="bfloat16", remat="full"), "x")  # allowed
+    checkpoint.check_same_model(MICRO, dataclasses.replace(MICRO, dtype="bfloat16", remat="full"), "x")  # allowed
 
 
 def test_a_save_clears_uncommitted_leftovers_and_keeps_the_newest(one_checkpoint, tmp_path):

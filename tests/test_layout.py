@@ -1,25 +1,41 @@
-"""The shape of the codebase: the import graph of the top-level modules, read from their source
-(imports inside functions included), has no cycle."""
+"""The shape of the codebase: the import graph of the modules at the top level and in its folders
+(formats/, evaluation/, tools/, kernels/), read from their source (imports inside functions
+included), has no cycle and no upward import."""
 import ast
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+FOLDERS = ("formats", "evaluation", "tools", "kernels")
+
+
+def modules_of(root: str = ROOT) -> dict:
+    """{dotted module name: its file} of every *.py at the top level and in FOLDERS."""
+    found = {name[:-3]: os.path.join(root, name) for name in os.listdir(root) if name.endswith(".py")}
+    for folder in FOLDERS:
+        for name in os.listdir(os.path.join(root, folder)) if os.path.isdir(os.path.join(root, folder)) else ():
+            if name.endswith(".py") and name != "__init__.py":
+                found[f"{folder}.{name[:-3]}"] = os.path.join(root, folder, name)
+    return found
+
+
 def import_graph(root: str = ROOT) -> dict:
-    """{module: set of the top-level modules it imports} for every *.py in `root`."""
-    modules = {name[:-3] for name in os.listdir(root) if name.endswith(".py")}
+    """{module: set of the project's modules it imports} (`from formats import storage` imports
+    formats.storage)."""
+    files = modules_of(root)
     graph = {}
-    for module in modules:
-        with open(os.path.join(root, module + ".py"), encoding="utf-8") as f:
+    for module, path in files.items():
+        with open(path, encoding="utf-8") as f:
             tree = ast.parse(f.read())
         names = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
+                names.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
-        graph[module] = names & modules - {module}
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[module] = names & set(files) - {module}
     return graph
 
 
@@ -52,21 +68,22 @@ def test_no_import_cycle():
 # The layers, lowest first. A module imports only modules of its own layer or of lower ones, so an
 # entry point is never imported by the code below it and the math never by the formats.
 LAYERS = [
-    ("storage", {"storage"}),
+    ("storage", {"formats.storage"}),
     ("math", {"attention", "model", "generate"}),
-    ("parallelism", {"sharding", "serving"}),
+    ("parallelism", {"sharding", "decode"}),
     ("configuration", {"config"}),
-    ("file formats", {"tensorfile", "tokenizer", "hf", "checkpoint"}),
-    ("data", {"records", "chat", "demo", "data", "weights"}),
-    ("the loop", {"recovery", "tracking", "trainer"}),
-    ("evaluation", {"humaneval"}),
-    ("entry points", {"train", "sft", "sample", "convert", "aot", "plot", "ablate", "eval"}),
+    ("files", {"formats.tensorfile", "formats.tokenizer", "formats.hf", "formats.checkpoint", "formats.readers",
+               "formats.demo", "formats.weights", "formats.tracking"}),
+    ("data", {"data", "chat"}),
+    ("the loop", {"train"}),
+    ("evaluation", {"evaluation.humaneval"}),
+    ("commands", {"sft", "sample", "evaluation.harness", "tools.aot", "tools.convert", "tools.plot", "tools.ablate"}),
 ]
 
 
 def layering_errors(graph: dict) -> list[str]:
     level = {module: i for i, (_, modules) in enumerate(LAYERS) for module in modules}
-    errors = [f"{m}.py belongs to no layer of tests/test_layout.py" for m in sorted(graph) if m not in level]
+    errors = [f"{m} belongs to no layer of tests/test_layout.py" for m in sorted(graph) if m not in level]
     for module, imported in sorted(graph.items()):
         for other in sorted(imported):
             if module in level and other in level and level[other] > level[module]:
@@ -82,5 +99,12 @@ def test_the_checks_can_fail():
     """A cycle and an upward import, on a made-up graph, are both found."""
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
-    assert layering_errors({"model": {"trainer"}, "trainer": set(), "scratch": set()}) == [
-        "scratch.py belongs to no layer of tests/test_layout.py", "model (math) imports trainer (the loop)"]
+    assert layering_errors({"model": {"train"}, "train": set(), "tools.scratch": set()}) == [
+        "tools.scratch belongs to no layer of tests/test_layout.py", "model (math) imports train (the loop)"]
+
+
+def test_the_graph_sees_the_folders():
+    """Imports into and out of the folders are edges of the graph (both spellings of an import)."""
+    graph = import_graph()
+    assert "formats.storage" in graph["formats.checkpoint"] and "formats.tokenizer" in graph["formats.checkpoint"]
+    assert "train" in graph["sft"] and "decode" in graph["evaluation.harness"]

@@ -12,8 +12,8 @@ import torch
 import transformers
 
 import attention
-import hf
 import model
+from formats import hf
 
 # grouped-query attention (6 query heads on 2 kv heads) and odd sizes everywhere else
 CFG = model.Config(vocab_size=101, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=100,

@@ -3,7 +3,6 @@ sampling options; loading checkpoints and Hugging Face directories."""
 import dataclasses
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,11 +14,10 @@ import pytest
 import sentencepiece as spm
 
 import chat
-import checkpoint
 import generate
-import hf
 import model
 import sample
+from formats import checkpoint, hf
 
 # small GQA model (2 query heads per kv head); output scaled so greedy never sees near-ties
 CFG = model.Config(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
@@ -126,20 +124,6 @@ def test_a_moved_checkpoint_samples_with_its_own_tokenizer(params, spm_model, tm
     assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
 
 
-@pytest.mark.parametrize("kind", ["pretraining", "chat"])
-def test_checkpoints_from_before_tokenizers_were_saved_still_load(params, spm_model, tmp_path, kind, capsys):
-    """A checkpoint written before checkpoints carried their tokenizer: meta.json names the run's
-    tokenizer file in its config, and only sft.py configs have "epochs"."""
-    run = {"out_dir": str(tmp_path), "tokenizer": spm_model, **({"epochs": 2} if kind == "chat" else {})}
-    checkpoint.save(str(tmp_path), 5, {"params": params}, {}, {"config": run, "model": dataclasses.asdict(CFG)}, 1)
-    reader = checkpoint.Reader(checkpoint.latest(str(tmp_path)))
-    assert "tokenizer" not in reader.meta and not os.path.exists(os.path.join(reader.path, "tokenizer.model"))
-    _, cfg, tok = sample.load(str(tmp_path))
-    assert cfg == CFG and (set(tok.added) == set(chat.CHAT_TOKENS) if kind == "chat" else tok.added == {})
-    sample.main([str(tmp_path), "--prompt", "word1", "--max_new_tokens", "4", *(["--chat"] if kind == "chat" else [])])
-    assert capsys.readouterr().out.strip()
-
-
 @pytest.mark.parametrize("option, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5)])
 def test_sampling_options_that_cannot_be_right_are_refused(params, option, value, capsys):
     with pytest.raises(ValueError, match=f"{option}="):
@@ -164,7 +148,7 @@ def test_quiet_on_a_machine_without_tpu_chips(params, spm_model, tmp_path):
 
 def test_sample_on_a_mesh_prints_what_one_device_prints(params, spm_model, tmp_path, capsys):
     """python sample.py HF_DIR --mesh=1,2,4 --prompt A --prompt B: the prompts decoded as one batch
-    on 8 devices (serving.py), from params read slice by slice in the serving layout."""
+    on 8 devices (decode.py), from params read slice by slice in the serving layout."""
     hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
     shutil.copyfile(spm_model, tmp_path / "tokenizer.model")
     prompts = ["--prompt", "word1", "--prompt", "word7 text 12 of the", "--max_new_tokens", "6"]

@@ -1,4 +1,4 @@
-"""serving.py: batched generation on a mesh equals the single-device path (generate.py) and
+"""decode.py: batched generation on a mesh equals the single-device path (generate.py) and
 transformers' generate, for prompts of different lengths, on meshes that split the kv heads,
 replicate them over groups of chips, and split the rows; stop tokens per row; the layout's checks."""
 import dataclasses
@@ -7,11 +7,11 @@ import jax
 import numpy as np
 import pytest
 
+import decode
 import generate
-import hf
 import model
-import serving
 import sharding
+from formats import hf
 
 # small GQA model (2 query heads per kv head); output scaled so greedy never sees near-ties
 CFG = model.Config(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
@@ -34,7 +34,7 @@ def one_device(params):
 
 def on_mesh(params, shape):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
-    structs = serving.param_structs(CFG, mesh)
+    structs = decode.param_structs(CFG, mesh)
     return jax.tree.map(lambda x, s: jax.device_put(x.astype(s.dtype), s.sharding), params, structs), mesh
 
 
@@ -42,7 +42,7 @@ def on_mesh(params, shape):
                          ids=["one", "kv-split", "kv-replicated", "rows-data", "rows-fsdp-kv-replicated"])
 def test_batched_greedy_on_a_mesh_equals_each_prompt_alone(params, one_device, shape):
     sharded, mesh = on_mesh(params, shape)
-    assert serving.generate(sharded, CFG, mesh, PROMPTS, NEW) == one_device
+    assert decode.generate(sharded, CFG, mesh, PROMPTS, NEW) == one_device
     assert len({tuple(o) for o in one_device}) == len(PROMPTS) and all(len(set(o)) > 3 for o in one_device)
 
 
@@ -53,7 +53,7 @@ def test_each_prompt_equals_transformers_generate(params, one_device, tmp_path):
     theirs = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     theirs.generation_config.eos_token_id = None  # exactly NEW tokens, as ours without stop tokens
     sharded, mesh = on_mesh(params, (1, 2, 4))
-    ours = serving.generate(sharded, CFG, mesh, PROMPTS, NEW)
+    ours = decode.generate(sharded, CFG, mesh, PROMPTS, NEW)
     for prompt, out in zip(PROMPTS, ours):
         with torch.no_grad():
             ref = theirs.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)
@@ -62,22 +62,22 @@ def test_each_prompt_equals_transformers_generate(params, one_device, tmp_path):
 
 def test_stop_tokens_per_row_context_and_sampling(params, one_device):
     sharded, mesh = on_mesh(params, (2, 1, 2))
-    assert serving.generate(sharded, CFG, mesh, PROMPTS, NEW, prefill_chunk=3) == one_device  # 4 chunks of 3
+    assert decode.generate(sharded, CFG, mesh, PROMPTS, NEW, prefill_chunk=3) == one_device  # 4 chunks of 3
     stop = one_device[0][3]  # row 0 stops after 4 tokens; each other row at its own first `stop`, if any
     expected = [o[:o.index(stop) + 1] if stop in o else o for o in one_device]
-    assert serving.generate(sharded, CFG, mesh, PROMPTS, NEW, stop_tokens=(stop,)) == expected
-    long = serving.generate(sharded, CFG, mesh, [[1] * 60, [1, 2]], 1000)
+    assert decode.generate(sharded, CFG, mesh, PROMPTS, NEW, stop_tokens=(stop,)) == expected
+    long = decode.generate(sharded, CFG, mesh, [[1] * 60, [1, 2]], 1000)
     assert [len(o) for o in long] == [4, 62]  # each row stops at the context (64)
-    assert serving.generate(sharded, CFG, mesh, PROMPTS, NEW, temperature=1.0, top_k=1, seed=5) == one_device
-    draws = [serving.generate(sharded, CFG, mesh, PROMPTS, NEW, temperature=2.0, seed=s) for s in (1, 1, 2)]
+    assert decode.generate(sharded, CFG, mesh, PROMPTS, NEW, temperature=1.0, top_k=1, seed=5) == one_device
+    draws = [decode.generate(sharded, CFG, mesh, PROMPTS, NEW, temperature=2.0, seed=s) for s in (1, 1, 2)]
     assert draws[0] == draws[1] and draws[0] != draws[2]
 
 
 def test_meshes_the_layout_cannot_split_are_refused(params):
     with pytest.raises(ValueError, match="n_heads=6 does not divide by the mesh's tensor axis"):
-        serving.check(dataclasses.replace(CFG, n_heads=6, n_kv_heads=2), {"tensor": 4})
+        decode.check(dataclasses.replace(CFG, n_heads=6, n_kv_heads=2), {"tensor": 4})
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
-        serving.check(dataclasses.replace(CFG, n_kv_heads=4, n_heads=8), {"tensor": 6})
+        decode.check(dataclasses.replace(CFG, n_kv_heads=4, n_heads=8), {"tensor": 6})
     sharded, mesh = on_mesh(params, (1, 1, 1))
     with pytest.raises(ValueError, match="context of 64"):
-        serving.generate(sharded, CFG, mesh, [[1] * 64], 4)
+        decode.generate(sharded, CFG, mesh, [[1] * 64], 4)

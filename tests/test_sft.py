@@ -14,13 +14,12 @@ import pytest
 import sentencepiece as spm
 
 import chat
-import checkpoint
 import data
 import generate
 import model
-import records
 import sample
 import sft
+from formats import checkpoint, readers
 
 WORDS = "the a function returns list of values when called with python code reads file writes data".split()
 
@@ -104,16 +103,16 @@ def test_bad_records_skipped_and_counted_or_raised(tok, tmp_path, caplog):
     path = tmp_path / "mixed.jsonl"
     lines = [json.dumps(r) for r, _ in BAD] + ["{not json", json.dumps(FORMATS["alpaca"][0])]
     path.write_text("\n".join(lines) + "\n")
-    counts, skips = collections.Counter(), records.Skips("skip")
+    counts, skips = collections.Counter(), readers.Skips("skip")
     with caplog.at_level(logging.WARNING, logger="data"):
-        ds = chat.Dataset(records.Source("m", (str(path),), 1.0, eval_fraction=0.0), tok, 256, skips, counts)
+        ds = chat.Dataset(readers.Source("m", (str(path),), 1.0, eval_fraction=0.0), tok, 256, skips, counts)
     assert len(ds.train) == 1 and counts["examples"] == 1
     reasons = [r for _, r in BAD] + ["malformed JSON"]
     for i, reason in enumerate(reasons, 1):
         assert sum(v for k, v in skips.counts.items() if reason in k) == reasons.count(reason)
         assert f"{path}:{i}: " in caplog.text
-    with pytest.raises(records.BadRecord, match=f"{path}:1: no known format"):
-        chat.Dataset(records.Source("m", (str(path),), 1.0), tok, 256, records.Skips("raise"), collections.Counter())
+    with pytest.raises(readers.BadRecord, match=f"{path}:1: no known format"):
+        chat.Dataset(readers.Source("m", (str(path),), 1.0), tok, 256, readers.Skips("raise"), collections.Counter())
 
 
 def test_long_conversations_truncated_or_dropped(tok, tmp_path):
@@ -122,7 +121,7 @@ def test_long_conversations_truncated_or_dropped(tok, tmp_path):
     path.write_text(json.dumps([{"instruction": "write code", "input": "", "output": long_question},  # truncated reply
                                 {"instruction": long_question, "input": "", "output": "ok"}]))  # no reply fits
     counts = collections.Counter()
-    ds = chat.Dataset(records.Source("l", (str(path),), 1.0, eval_fraction=0.0), tok, 40, records.Skips("skip"), counts)
+    ds = chat.Dataset(readers.Source("l", (str(path),), 1.0, eval_fraction=0.0), tok, 40, readers.Skips("skip"), counts)
     assert counts["truncated to seq_len"] == 1 and counts["dropped: too long, no trainable token within seq_len"] == 1
     assert len(ds.train) == 1 and len(ds.train[0][0]) == 40 and ds.train[0][1].any()
 
@@ -131,7 +130,7 @@ def unique_examples(tmp_path, n, name="u"):
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"q {i}", "input": "", "output": f"{name} {i}"}) + "\n"
                             for i in range(n)))
-    return records.Source(name, (str(path),), 1.0, eval_fraction=0.0)
+    return readers.Source(name, (str(path),), 1.0, eval_fraction=0.0)
 
 
 def seen(tok, batch):
@@ -146,7 +145,7 @@ def seen(tok, batch):
 
 def test_two_epochs_see_each_example_exactly_twice(tok, tmp_path):
     src = unique_examples(tmp_path, 37)
-    ds = [chat.Dataset(src, tok, 65, records.Skips("skip"), collections.Counter())]
+    ds = [chat.Dataset(src, tok, 65, readers.Skips("skip"), collections.Counter())]
     rows = chat.plan_rows(ds, 2, seed=0, capacity=65)
     cfg = sft.SFTConfig(batch_size=4, seq_len=64)
     loaders = [chat.ChatLoader(cfg, tok, ds, rows, i, 2) for i in range(2)]  # two processes: one global batch
@@ -170,7 +169,7 @@ def test_two_epochs_see_each_example_exactly_twice(tok, tmp_path):
 def test_weights_repeat_examples_per_epoch(tok, tmp_path):
     srcs = [dataclasses.replace(unique_examples(tmp_path, 10, "a"), weight=2.0),
             dataclasses.replace(unique_examples(tmp_path, 10, "b"), weight=0.5)]
-    ds = [chat.Dataset(s, tok, 65, records.Skips("skip"), collections.Counter()) for s in srcs]
+    ds = [chat.Dataset(s, tok, 65, readers.Skips("skip"), collections.Counter()) for s in srcs]
     picks = collections.Counter(p for row in chat.plan_rows(ds, 2, seed=0, capacity=65) for p in row)
     assert all(picks[0, i] == 4 for i in range(10))  # twice per epoch
     assert sum(picks[1, i] for i in range(10)) == 10 and max(picks[1, i] for i in range(10)) <= 2  # half per epoch
@@ -224,7 +223,7 @@ def test_resize_vocab_keeps_old_rows_and_starts_new_ones_at_the_mean():
 
 
 def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkeypatch):
-    """sft.run through trainer.train: base checkpoint -> grown vocab -> 2 epochs -> sample.load chats."""
+    """sft.run through train.train: base checkpoint -> grown vocab -> 2 epochs -> sample.load chats."""
     base_cfg = model.Config(vocab_size=tok.sp.get_piece_size(), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                             ffn_dim=64, max_seq_len=64, dtype="float32")
     monkeypatch.setitem(model.PRESETS, "mini", base_cfg)
@@ -248,8 +247,8 @@ def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkey
 
 @pytest.mark.parametrize("ext", [".jsonl.gz", ".parquet", ".json"])
 def test_chat_records_from_any_format_with_the_shared_held_out_rule(tok, tmp_path, ext):
-    """Chat data goes through records.py like pretraining data: its formats, and its held-out rule
-    (records.held_out of the file and the 0-based record number)."""
+    """Chat data goes through readers.py like pretraining data: its formats, and its held-out rule
+    (readers.held_out of the file and the 0-based record number)."""
     rows = [{"instruction": f"q {i}", "input": "", "output": f"a {i}"} for i in range(40)]
     path = tmp_path / f"chat{ext}"
     if ext == ".parquet":
@@ -259,9 +258,9 @@ def test_chat_records_from_any_format_with_the_shared_held_out_rule(tok, tmp_pat
         path.write_text(json.dumps(rows))
     else:
         path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
-    ds = chat.Dataset(records.Source("f", (str(path),), 1.0, eval_fraction=0.3), tok, 256, records.Skips("raise"),
+    ds = chat.Dataset(readers.Source("f", (str(path),), 1.0, eval_fraction=0.3), tok, 256, readers.Skips("raise"),
                       collections.Counter())
-    held = [i for i in range(40) if records.held_out(str(path), i, 0.3)]
+    held = [i for i in range(40) if readers.held_out(str(path), i, 0.3)]
     assert 0 < len(held) < 40 and len(ds.train) == 40 - len(held)
     replies = [tok.decode(t[m == 1]).replace("<|im_end|>", "") for t, m in ds.held_out]
     assert replies == [f"a {i}" for i in held]
@@ -272,11 +271,11 @@ def test_a_truncated_json_file_is_named(tok, tmp_path):
     (not a bare JSONDecodeError)."""
     path = tmp_path / "cut.json"
     path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}] * 3)[:-20])
-    skips = records.Skips("skip")
-    ds = chat.Dataset(records.Source("c", (str(path),), 1.0), tok, 256, skips, collections.Counter())
+    skips = readers.Skips("skip")
+    ds = chat.Dataset(readers.Source("c", (str(path),), 1.0), tok, 256, skips, collections.Counter())
     assert ds.train == [] and [r for r in skips.counts if r.startswith("unreadable from here on (JSONDecodeError")]
-    with pytest.raises(records.BadRecord, match=f"{path}:1: unreadable from here on"):
-        chat.Dataset(records.Source("c", (str(path),), 1.0), tok, 256, records.Skips("raise"), collections.Counter())
+    with pytest.raises(readers.BadRecord, match=f"{path}:1: unreadable from here on"):
+        chat.Dataset(readers.Source("c", (str(path),), 1.0), tok, 256, readers.Skips("raise"), collections.Counter())
 
 
 def test_an_export_formats_chats_exactly_as_we_trained(tok, tmp_path):

@@ -205,7 +205,7 @@ def test_two_processes_match_one(tmp_path):
     assert set(flat) == set(got.files) - {"loss", "count"}
     assert_trees_close({k: got[k] for k in flat}, flat)
 
-    import checkpoint
+    from formats import checkpoint
     saved = checkpoint.step_dir(str(tmp_path / "ckpt"), 1)
     assert sorted(f for f in os.listdir(saved) if f.startswith("shards")) == [
         "shards.p00000.safetensors", "shards.p00001.safetensors"]

@@ -20,16 +20,10 @@ os.environ.update(ENV)
 pytest.importorskip("gcsfs", reason="install gcsfs (requirements-cloud.txt) to test gs:// storage")
 emulator = pytest.importorskip("gcp_storage_emulator.server", reason="install gcp-storage-emulator to test gs:// storage")
 
-import checkpoint  # noqa: E402
-import convert  # noqa: E402
-import hf  # noqa: E402
-import plot  # noqa: E402
-import records  # noqa: E402
-import recovery  # noqa: E402
 import sharding  # noqa: E402
-import storage  # noqa: E402
-import tensorfile  # noqa: E402
-import trainer  # noqa: E402
+import train  # noqa: E402
+from formats import checkpoint, hf, readers, storage, tensorfile  # noqa: E402
+from tools import convert, plot  # noqa: E402
 
 BUCKET = "gs://lemur-test"
 
@@ -132,7 +126,7 @@ def test_reads_fetch_byte_ranges_not_objects(gcs, tmp_path):
     pq.write_table(table, tmp_path / "code.parquet", row_group_size=16)
     upload(str(tmp_path / "code.parquet"), f"{BUCKET}/ranges/code.parquet")
     gcs.sent = 0
-    rows = list(records.read(f"{BUCKET}/ranges/code.parquet", "content"))
+    rows = list(readers.read(f"{BUCKET}/ranges/code.parquet", "content"))
     assert [r["content"] for _, r in rows] == table.column("content").to_pylist()
     assert gcs.sent < storage.size(f"{BUCKET}/ranges/code.parquet") // 10, gcs.sent
 
@@ -163,7 +157,7 @@ def test_a_run_in_a_bucket_killed_mid_checkpoint_equals_the_run_on_disk(gcs, cor
     saved = checkpoint.Reader(checkpoint.step_dir(str(reference[0]), 16))
     mcfg = saved.model_config()
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])
-    params = trainer.load_params(f"hf:{BUCKET}/hf", mcfg, mesh)
+    params = train.load_params(f"hf:{BUCKET}/hf", mcfg, mesh)
     for key, value in hf.flatten(params):
         np.testing.assert_array_equal(np.asarray(value), saved.read("params/" + key), err_msg=key)
 
@@ -185,7 +179,7 @@ def test_a_checkpoint_that_does_not_verify_is_set_aside_without_rename(gcs, monk
         raise TimeoutError("the read timed out")  # what aiohttp raises after gcsfs's retries
     monkeypatch.setattr(storage, "read_ranges", timing_out)
     with pytest.raises(SystemExit, match="TimeoutError: the read timed out.*nothing was set aside"):
-        recovery.restore_newest(out_dir, structs, MICRO)
+        checkpoint.restore_newest(out_dir, structs, MICRO)
     monkeypatch.setattr(storage, "read_ranges", read_ranges)
     assert checkpoint.committed(out_dir) == [1, 2]
 
@@ -193,7 +187,7 @@ def test_a_checkpoint_that_does_not_verify_is_set_aside_without_rename(gcs, monk
     data = bytearray(storage.read_bytes(shards))
     data[-1] ^= 0xFF
     storage.write_bytes(shards, bytes(data))
-    state, reader, _ = recovery.restore_newest(out_dir, structs, MICRO)
+    state, reader, _ = checkpoint.restore_newest(out_dir, structs, MICRO)
     assert reader.meta["step"] == 1 and float(state["w"][0, 0]) == 1.0
     assert checkpoint.committed(out_dir) == [1]
     assert "COMMIT" in storage.listdir(f"{out_dir}/step_00000002.corrupt")

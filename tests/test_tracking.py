@@ -12,7 +12,7 @@ from conftest import subprocess_env
 from runs import run, write_config
 from test_faults import FAULT
 
-import plot
+from tools import plot
 
 
 def train_records(out_dir) -> dict:

@@ -9,7 +9,8 @@ import re
 
 import sentencepiece as spm
 
-import storage
+from formats import storage
+
 
 class Tokenizer:
     """A sentencepiece model plus added special tokens with ids after the base vocabulary."""

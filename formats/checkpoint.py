@@ -25,13 +25,10 @@ lie in, each once, so a restore onto another mesh checks only its own share and 
 other hosts' files whole (on an object store a slice is cut from the verified chunks it was
 checked in: one request a slice); JSON files and the tokenizer are verified whole; a checksum file carries
 its own CRC. A mismatch, a file cut short, a garbled header or JSON raise CheckpointError naming
-the file (trainer.py then falls back to an older checkpoint). Checkpoints written before checksums
-(their COMMIT lists none) restore with a warning, unverified.
+the file (train.py then falls back to an older checkpoint).
 
 A checkpoint is complete in itself: moved to another disk or bucket, it still restores, exports
-and samples (its tokenizer goes with it). Checkpoints written before they carried their tokenizer
-have no `tokenizer.model` and no "tokenizer" in meta.json; `Reader.tokenizer()` returns None for
-them and data.run_tokenizer rebuilds theirs from the run config.
+and samples (its tokenizer goes with it).
 
 Shards are stored in the safetensors layout (tensorfile.py) under names
 `path@start:stop,start:stop`: the global slice each shard holds. Restoring builds every array
@@ -39,21 +36,27 @@ with `jax.make_array_from_callback` (tensorfile.sharded_array) for the *target* 
 each requested slice out of whichever saved shards overlap it (byte ranges, so a process reads
 only what it needs, and a slice several of its devices hold once).
 That is why a checkpoint restores onto a different mesh or process count.
+
+Resume (`restore_newest`) takes the newest checkpoint that verifies (checksums, readable files,
+finite values), agreed by every process; newer ones that do not are set aside (`step_X.corrupt`),
+and if none verifies the run stops naming them, rather than starting over. It tells damage from a
+network error: a read of an object store that fails after gcsfs's retries stops the run, setting
+nothing aside (start it again), so a passing network fault never costs the newest checkpoint. A
+checkpoint of another model (any field that changes the math) is refused before anything is written.
 """
+import dataclasses
 import json
-import logging
 import re
 import zlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import model
-import storage
-import tensorfile
-from tokenizer import Tokenizer
+from formats import storage, tensorfile
+from formats.tokenizer import Tokenizer
 
-log = logging.getLogger("checkpoint")
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_DIR = re.compile(r"^step_\d{8}\.tmp$")
 CHUNK_BYTES = 64 << 20  # the grain of shard checksums: a restore verifies whole chunks
@@ -71,7 +74,7 @@ def _barrier(name: str):
 
 def _damage(e: OSError, path: str) -> bool:
     """Whether a failed read means a damaged checkpoint: a missing file, or any error of a local
-    file. Other errors of an object store (timeouts, connections) pass through: recovery.py must
+    file. Other errors of an object store (timeouts, connections) pass through: restore_newest must
     not set a good checkpoint aside because the network failed."""
     return isinstance(e, FileNotFoundError) or not storage.is_remote(path)
 
@@ -197,21 +200,20 @@ class Reader:
     def __init__(self, path: str):
         if not storage.exists(storage.join(path, "COMMIT")):
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no COMMIT)")
-        self.path, self.checksums = path, None  # COMMIT holds the checksums: it is read unchecked
-        self.checksums = self._json("COMMIT").get("checksums")  # None: written before checksums
-        if self.checksums is None:
-            log.warning("%s: written before checkpoints carried checksums; read unverified", path)
+        self.path, self.checksums = path, {}  # COMMIT holds the checksums: it is read unchecked
+        self.checksums = self._json("COMMIT").get("checksums")
+        if not isinstance(self.checksums, dict):
+            raise CheckpointError(f"{storage.join(path, 'COMMIT')}: lists no checksums")
         self.meta = self._json("meta.json")
         self.chunk_bytes, self.chunk_sums, self.verified = None, {}, set()
-        if self.checksums is not None:
-            for proc in range(self.meta["process_count"]):
-                name = f"checksums.p{proc:05d}.json"
-                sums = self._json(name)
-                if _self_checked({k: v for k, v in sums.items() if k != "self"}) != sums:
-                    raise CheckpointError(f"{storage.join(path, name)}: its own checksum does not match (corrupt)")
-                self.chunk_bytes = sums["chunk_bytes"]
-                self.chunk_sums.update(sums["shards"])
-                self.checksums.update(sums["files"])
+        for proc in range(self.meta["process_count"]):
+            name = f"checksums.p{proc:05d}.json"
+            sums = self._json(name)
+            if _self_checked({k: v for k, v in sums.items() if k != "self"}) != sums:
+                raise CheckpointError(f"{storage.join(path, name)}: its own checksum does not match (corrupt)")
+            self.chunk_bytes = sums["chunk_bytes"]
+            self.chunk_sums.update(sums["shards"])
+            self.checksums.update(sums["files"])
         try:
             self.saved = tensorfile.SafetensorsDir(path)
         except (OSError, ValueError) as e:
@@ -220,14 +222,14 @@ class Reader:
             raise CheckpointError(str(e)) from None
         self.pieces = {}  # array path -> [(bounds per dim, entry name)]
         for name in self.saved.entries:
-            if self.checksums is not None and name not in self.chunk_sums:
+            if name not in self.chunk_sums:
                 raise CheckpointError(f"{path}: shard {name} has no checksum (a shard file from another checkpoint?)")
             key, _, index = name.rpartition("@")
             bounds = [tuple(map(int, r.split(":"))) for r in index.split(",")] if index else []
             self.pieces.setdefault(key, []).append((bounds, name))
 
     def _bytes(self, name: str) -> bytes:
-        """A small file of the checkpoint, whole, checked against its checksum when there is one."""
+        """A small file of the checkpoint, whole, checked against its checksum (COMMIT has none)."""
         file = storage.join(self.path, name)
         try:
             data = storage.read_bytes(file)
@@ -235,7 +237,7 @@ class Reader:
             if not _damage(e, file):
                 raise
             raise CheckpointError(f"{file}: unreadable ({e})") from None
-        if self.checksums is not None and name in self.checksums and zlib.crc32(data) != self.checksums[name]:
+        if name in self.checksums and zlib.crc32(data) != self.checksums[name]:
             raise CheckpointError(f"{file}: checksum mismatch (the file is corrupt)")
         return data
 
@@ -248,8 +250,6 @@ class Reader:
     def _slice(self, name: str, local: tuple) -> np.ndarray:
         """Saved entry `name`'s sub-slice `local`, verified: the chunks it lies in are read whole
         (one byte range), checked, and the slice is cut out of them."""
-        if self.checksums is None:
-            return self.saved.get_slice(name, local)
         shape, dtype = self.saved.shape(name), np.dtype(self.saved.entries[name][1])
         runs, out_shape = tensorfile.byte_runs(shape, local, dtype.itemsize)
         if not runs:
@@ -268,11 +268,10 @@ class Reader:
     def model_config(self) -> model.Config:
         return model.Config(**self.meta["model"])
 
-    def tokenizer(self) -> Tokenizer | None:
-        """The run's tokenizer, from the checkpoint's own copy; None for a checkpoint written before
-        checkpoints carried their tokenizer (data.run_tokenizer rebuilds it from the run config)."""
+    def tokenizer(self) -> Tokenizer:
+        """The run's tokenizer, from the checkpoint's own copy (train.py always saves it)."""
         if "tokenizer" not in self.meta:
-            return None
+            raise ValueError(f"{self.path}: saved without a tokenizer (params only), so it cannot be sampled or exported")
         saved = self.meta["tokenizer"]
         return Tokenizer(storage.join(self.path, saved["file"]), added_tokens=tuple(saved["added_tokens"]),
                          model_proto=self._bytes(saved["file"]))  # read once, verified
@@ -321,3 +320,68 @@ def restore(path, target):
         leaves.append(tensorfile.sharded_array(
             spec.shape, spec.sharding, lambda idx, k=key, s=spec: reader.read(k, idx).astype(s.dtype)))
     return jax.tree.unflatten(jax.tree.structure(target), leaves), reader
+
+
+# ----------------------------------------------------------------------------- resume
+
+def _everywhere(flag: bool) -> bool:
+    """Whether `flag` holds on every process (a collective: all processes must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
+
+
+def nonfinite_paths(tree) -> list[str]:
+    """The paths of the leaves of `tree` holding a NaN or an infinity."""
+    flags = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), t))(tree))
+    return [jax.tree_util.keystr(p, simple=True, separator="/")
+            for p, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
+
+
+def check_same_model(saved: model.Config, mcfg: model.Config, where: str):
+    """Refuse to continue from a model whose math differs: every field but the compute dtype, the
+    remat policy and the attention kernel (they change how, not what, is computed)."""
+    changed = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(mcfg, f.name)!r}" for f in dataclasses.fields(mcfg)
+               if f.name not in model.HOW and getattr(saved, f.name) != getattr(mcfg, f.name)]
+    if changed:
+        raise ValueError(f"{where} holds another model than the configured one ({', '.join(changed)}); "
+                         "resume with the model it was trained with, or use another out_dir")
+
+
+def restore_newest(out_dir: str, structs, mcfg: model.Config):
+    """(state, reader, data states) of the newest checkpoint in out_dir that verifies, all None if
+    there is no checkpoint. Every process must agree that a checkpoint verifies before it is used."""
+    failures = []
+    for step in reversed(committed(out_dir)):
+        path = step_dir(out_dir, step)
+        state = reader = data_states = error = network = None
+        try:
+            reader = Reader(path)
+            check_same_model(reader.model_config(), mcfg, path)
+            state, _ = restore(reader, structs)
+            data_states = reader.data_states()
+            if bad := nonfinite_paths(state):
+                raise CheckpointError(f"{path}: non-finite values in {', '.join(bad[:4])}")
+        except CheckpointError as e:
+            error = str(e)
+        except OSError as e:  # a missing file is damage; any other I/O error of an object store may pass
+            if isinstance(e, FileNotFoundError) or not storage.is_remote(path):
+                error = str(e)
+            else:
+                network = f"{type(e).__name__}: {e}"
+        if not _everywhere(network is None):
+            raise SystemExit(f"reading {path} failed " + (f"({network})" if network else "on another process")
+                             + "; that is no sign of damage, so nothing was set aside: start the run again")
+        if _everywhere(error is None):
+            for failed, why in failures:
+                if jax.process_index() == 0:
+                    print(f"{failed} does not verify ({why}); set aside as {set_aside(failed)}")
+            if failures and jax.process_index() == 0:
+                print(f"falling back to {path}")
+            return state, reader, data_states
+        failures.append((path, error or "on another process"))
+    if failures:
+        listed = "\n".join(f"  {path}: {why}" for path, why in failures)
+        raise SystemExit(f"no checkpoint in {out_dir} verifies:\n{listed}")
+    return None, None, None

@@ -1,17 +1,17 @@
 """The paper's evaluation: lm-evaluation-harness tasks through our model, and HumanEval with execution.
 
-    python eval.py CKPT_OR_HF_DIR --tasks mmlu,gsm8k,bbh [--mesh=1,1,8] [--num_fewshot=5] [--limit=100]
-    python eval.py CKPT_OR_HF_DIR --humaneval [--format=chat] [--mesh=1,1,8] [--samples=OUT.jsonl]
-    python eval.py --score_humaneval SAMPLES.jsonl [--k=1,10,100]
+    python -m evaluation.harness CKPT_OR_HF_DIR --tasks mmlu,gsm8k,bbh [--mesh=1,1,8] [--num_fewshot=5] [--limit=100]
+    python -m evaluation.harness CKPT_OR_HF_DIR --humaneval [--format=chat] [--mesh=1,1,8] [--samples=OUT.jsonl]
+    python -m evaluation.harness --score_humaneval SAMPLES.jsonl [--k=1,10,100]
 
 The model (a training out_dir or checkpoint, or a Hugging Face directory such as Lemur-70B-Chat,
-local or in a bucket) is read slice by slice onto the mesh (default: one device) in serving.py's
+local or in a bucket) is read slice by slice onto the mesh (default: one device) in decode.py's
 layout, as sample.py --mesh does; start the same command on every host of a slice.
 
 --tasks runs lm-evaluation-harness (`pip install lm-eval`; task data downloads at run time, as
 with the harness itself) through `HarnessLM`, an implementation of its model interface over our
-sharded scoring (serving.score: loglikelihood, loglikelihood_rolling) and batched generation
-(serving.generate: generate_until). It tokenizes, truncates and cuts generations exactly as the
+sharded scoring (decode.score: loglikelihood, loglikelihood_rolling) and batched generation
+(decode.generate: generate_until). It tokenizes, truncates and cuts generations exactly as the
 harness's Hugging Face backend does (a bos before every text, contexts truncated from the left to
 the model's context, stop sequences cut from the decoded text), so its answers can be compared
 request by request (tests/test_eval.py). The results go to --output (JSON) and a table.
@@ -28,11 +28,10 @@ import sys
 import jax
 import numpy as np
 
-import humaneval
-import records
-import serving
+import decode
 import sharding
-import weights
+from evaluation import humaneval
+from formats import readers, weights
 
 ROWS = 8  # rows scored or generated per call, times the mesh's batch ways (the AOT-checked batch)
 LENGTH_BUCKET = 128  # scored rows are padded to a multiple of this (few compiled shapes; TPU's splash kernel)
@@ -59,7 +58,7 @@ class Model:
             inputs, targets = np.zeros((rows, length), np.int32), np.zeros((rows, length), np.int32)
             for r, seq in enumerate(chunk):  # the last token is only a target, as in the harness's backends
                 inputs[r, :len(seq) - 1], targets[r, :len(seq) - 1] = seq[:-1], seq[1:]
-            scored = serving.score(self.params, inputs, targets, self.cfg, self.mesh)
+            scored = decode.score(self.params, inputs, targets, self.cfg, self.mesh)
             logprobs, greedy = (np.asarray(a) for a in scored)
             for r, i in enumerate(order[b:b + rows]):
                 n = len(sequences[i]) - 1
@@ -71,7 +70,7 @@ class Model:
         """New tokens of each prompt, ROWS x batch ways prompts at a time (each batch its own seed)."""
         rows, out = ROWS * self.ways, []
         for b in range(0, len(prompts), rows):
-            out += serving.generate(self.params, self.cfg, self.mesh, prompts[b:b + rows], max_new_tokens,
+            out += decode.generate(self.params, self.cfg, self.mesh, prompts[b:b + rows], max_new_tokens,
                                     stop_tokens=stop_tokens or (self.tokenizer.eos_id,), seed=seed * 1_000_003 + b,
                                     vocab_size=self.tokenizer.vocab_size, **options)
         return out
@@ -85,7 +84,7 @@ class Model:
 
 def harness_lm(model: Model, max_gen_toks: int = 256):
     """An lm-evaluation-harness model (lm_eval.api.model.TemplateLM) over `model`."""
-    TemplateLM = records.optional("lm_eval.api.model", "run lm-evaluation-harness tasks (pip install lm-eval)").TemplateLM
+    TemplateLM = readers.optional("lm_eval.api.model", "run lm-evaluation-harness tasks (pip install lm-eval)").TemplateLM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 
     class HarnessLM(TemplateLM):

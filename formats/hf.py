@@ -7,7 +7,7 @@
 Only `*.safetensors` directories are read (one file, or sharded with model.safetensors.index.json),
 through tensorfile.py's memory maps: a 70B checkpoint (140 GB in bf16) loads into sharded params
 on hosts with far less memory. Writing streams one tensor at a time into files of at most
-`max_shard_bytes`. `python convert.py` exports a training checkpoint with this module.
+`max_shard_bytes`. `python -m tools.convert` exports a training checkpoint with this module.
 
 Layouts. HF Linear weights are (out, in); ours are (in, out) with heads split out, layers stacked:
   q_proj (N*H, D) -> wq[l] (D, N, H)     o_proj (D, N*H) -> wo[l] (N, H, D)
@@ -24,8 +24,8 @@ import ml_dtypes
 import numpy as np
 
 import model
-import storage
-from tensorfile import SafetensorsDir, sharded_array, write_safetensors
+from formats import storage
+from formats.tensorfile import SafetensorsDir, sharded_array, write_safetensors
 
 # our param -> (HF name template, how its dims map): "identity" or a transpose whose HF dims are
 # (out, in) and whose "out" dim is split into the trailing our-dims of `out_dims` (heads, head_dim).
@@ -175,7 +175,7 @@ def _check_tensors(ckpt: SafetensorsDir, cfg: model.Config, path: str):
 
 def load_hf(path: str, shardings=None, dtype=np.float32):
     """Read a Hugging Face Llama directory -> (cfg, params), params in `dtype` (fp32: training;
-    the compute dtype for serving.py, cast slice by slice as read).
+    the compute dtype for decode.py, cast slice by slice as read).
 
     With `shardings` (a tree of jax.sharding.Sharding shaped like the params), every param is built
     with jax.make_array_from_callback: each process reads only the slices its devices hold, each once.

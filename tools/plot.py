@@ -1,8 +1,8 @@
 """Loss curves of one or several runs in one PNG: the train loss and each source's held-out loss
 against the tokens trained, one color per run.
 
-    python plot.py out/tiny                                  # -> out/tiny/loss.png
-    python plot.py out/ablation_a out/ablation_b --out ab.png
+    python -m tools.plot out/tiny                                  # -> out/tiny/loss.png
+    python -m tools.plot out/ablation_a out/ablation_b --out ab.png
 
 Reads each run's metrics.jsonl (metrics of train.py and sft.py runs) and its config.json (the
 tokens per step, to place evaluations, which record only their step). Runs are labelled by their
@@ -14,8 +14,7 @@ import json
 import os
 import sys
 
-import records
-import storage
+from formats import readers, storage
 
 
 def read_run(out_dir: str) -> dict:
@@ -42,7 +41,7 @@ def labels(out_dirs: list[str]) -> list[str]:
 
 
 def plot(out_dirs: list[str], out: str):
-    matplotlib = records.optional("matplotlib", "draw loss curves")
+    matplotlib = readers.optional("matplotlib", "draw loss curves")
     matplotlib.use("Agg")  # files only, no screen needed
     import matplotlib.pyplot as plt
 

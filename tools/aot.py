@@ -1,17 +1,16 @@
 """Compile the full train step for a TPU slice on this machine (no TPU needed) and report whether
 it fits in HBM, with an analytic MFU estimate.
 
-    python aot.py configs/lemur70b.py --topology=v4-512 [--microbatches=4 --mesh=1,32,8 ...]
-    python train.py configs/lemur70b.py --aot=v4-512          # the same, via train.py
-    python aot.py --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]
+    python -m tools.aot configs/lemur70b.py --topology=v4-512 [--microbatches=4 --mesh=1,32,8 ...]
+    python -m tools.aot --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]
 
---generate compiles serving.py's step as a prefill chunk (--chunk prompt tokens per row) and as a
+--generate compiles decode.py's step as a prefill chunk (--chunk prompt tokens per row) and as a
 decode step (one token per row), against a KV cache of --context positions, for Llama-2-70B with
 Lemur-Chat's vocabulary (32064) on a tensor-parallel mesh (1, 1, chips), and reports the HBM per
 chip of each.
 
 libtpu (`pip install jax[tpu]`) describes the slice's chips without any being attached
-(jax.experimental.topologies); the real step of trainer.py (forward, backward, gradient
+(jax.experimental.topologies); the real step of train.py (forward, backward, gradient
 accumulation over the microbatches, clipping, Adam, donated state) is lowered with
 jax.ShapeDtypeStruct arguments on a mesh of those chips and compiled by the real TPU compiler.
 `compiled.memory_analysis()` is per chip: arguments (the state and a batch) + outputs + temporaries
@@ -50,18 +49,18 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
 import config  # noqa: E402
+import decode  # noqa: E402
 import model  # noqa: E402
-import serving  # noqa: E402
 import sharding  # noqa: E402
-import trainer  # noqa: E402
+import train  # noqa: E402
 
 GIB = 2 ** 30
-# per chip: (jax topology prefix, chip config, HBM GiB, peak bf16 FLOP/s (trainer.PEAK_FLOPS, by
+# per chip: (jax topology prefix, chip config, HBM GiB, peak bf16 FLOP/s (sharding.PEAK_FLOPS, by
 # device kind), ICI bytes/s per axis, tensor cores per chip (slice names count cores on v4/v5p,
 # chips on v5e))
-CHIPS = {"v4": ("v4", "megacore", 32.0, trainer.PEAK_FLOPS["TPU v4"], 9e10, 2),
-         "v5p": ("v5p", "megacore", 95.0, trainer.PEAK_FLOPS["TPU v5p"], 1.8e11, 2),
-         "v5e": ("v5e", "default", 16.0, trainer.PEAK_FLOPS["TPU v5 lite"], 9e10, 1)}
+CHIPS = {"v4": ("v4", "megacore", 32.0, sharding.PEAK_FLOPS["TPU v4"], 9e10, 2),
+         "v5p": ("v5p", "megacore", 95.0, sharding.PEAK_FLOPS["TPU v5p"], 1.8e11, 2),
+         "v5e": ("v5e", "default", 16.0, sharding.PEAK_FLOPS["TPU v5 lite"], 9e10, 1)}
 # torus shapes by chip count (v4/v5p: 3-D, v5e: 2-D)
 SHAPES_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4), 128: (4, 4, 8),
              256: (4, 8, 8), 512: (8, 8, 8), 1024: (8, 8, 16), 2048: (8, 16, 16), 4096: (16, 16, 16)}
@@ -110,7 +109,7 @@ def mfu_estimate(tcfg: config.TrainConfig, mcfg: model.Config, spec: dict) -> fl
 
 
 def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
-    """Compile trainer.py's step for the slice `topology`; print the HBM breakdown and a JSON line.
+    """Compile train.py's step for the slice `topology`; print the HBM breakdown and a JSON line.
     Returns the result: fits, hbm_per_chip_gib, hbm_bytes {argument, output, temp, alias, total} per
     chip, compile_seconds, mfu_estimate (or an error when the compiler finds it does not fit)."""
     spec = slice_spec(topology)
@@ -125,10 +124,10 @@ def compile_train_step(tcfg: config.TrainConfig, topology: str) -> dict:
               "hbm_capacity_gib": spec["hbm_gib"], "fits": False, "mesh": list(tcfg.mesh),
               "microbatches": tcfg.microbatches, "compile_seconds": None,
               "mfu_estimate": round(mfu_estimate(tcfg, mcfg, spec), 3)}
-    tx = trainer.make_optimizer(tcfg)
+    tx = train.make_optimizer(tcfg)
     start = time.time()
-    stop = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=trainer.stop_sharding(mesh))
-    lowered = trainer.make_train_step(tcfg, tx, mcfg, mesh).lower(trainer.state_structs(tx, mcfg, mesh), batch, stop)
+    stop = jax.ShapeDtypeStruct((mesh.size,), jnp.bool_, sharding=train.stop_sharding(mesh))
+    lowered = train.make_train_step(tcfg, tx, mcfg, mesh).lower(train.state_structs(tx, mcfg, mesh), batch, stop)
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses a program that cannot fit in HBM
@@ -167,15 +166,15 @@ def hbm(compiled, spec: dict) -> dict:
 
 def compile_generate(topology: str, batch: int = 8, context: int = 4096, chunk: int = 512,
                      mcfg: model.Config = dataclasses.replace(model.LLAMA2_70B, vocab_size=32064)) -> dict:
-    """Compile serving.py's step as a prefill chunk (`chunk` prompt tokens a row) and as a decode
+    """Compile decode.py's step as a prefill chunk (`chunk` prompt tokens a row) and as a decode
     step, against a cache of `context` positions, for the slice (mesh (1, 1, chips)); print and
     return the HBM per chip of each, and whether both fit."""
     spec = slice_spec(topology)
     mesh = sharding.make_mesh(1, 1, spec["chips"], devices=topology_devices(spec))
-    serving.check(mcfg, mesh.shape)
+    decode.check(mcfg, mesh.shape)
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH))
-    cache = jax.ShapeDtypeStruct((mcfg.n_layers, batch, context, serving.cache_heads(mcfg, spec["chips"]), mcfg.head_dim),
-                                 jnp.dtype(mcfg.dtype), sharding=jax.sharding.NamedSharding(mesh, serving.cache_spec()))
+    cache = jax.ShapeDtypeStruct((mcfg.n_layers, batch, context, decode.cache_heads(mcfg, spec["chips"]), mcfg.head_dim),
+                                 jnp.dtype(mcfg.dtype), sharding=jax.sharding.NamedSharding(mesh, decode.cache_spec()))
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
     opts = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
     result = {"topology": topology, "chips": spec["chips"], "mesh": [1, 1, spec["chips"]], "batch": batch,
@@ -183,7 +182,7 @@ def compile_generate(topology: str, batch: int = 8, context: int = 4096, chunk: 
               "params_gib": round(model.param_count(mcfg) * jnp.dtype(mcfg.dtype).itemsize / spec["chips"] / GIB, 2)}
     for name, tokens in (("prefill", ints(batch, chunk)), ("decode", ints(batch, 1))):
         start = time.time()
-        compiled = serving.step.lower(serving.param_structs(mcfg, mesh), tokens, ints(batch), {"k": cache, "v": cache},
+        compiled = decode.step.lower(decode.param_structs(mcfg, mesh), tokens, ints(batch), {"k": cache, "v": cache},
                                       ints(batch), jax.random.key(0), opts, cfg=mcfg, mesh=mesh,
                                       vocab_size=mcfg.vocab_size).compile()
         result[name] = {**hbm(compiled, spec), "compile_seconds": round(time.time() - start, 1)}
@@ -200,8 +199,8 @@ def main(argv):
         sizes = {a[2:].split("=")[0]: int(a.split("=")[1]) for a in argv if a.startswith(("--batch=", "--context=", "--chunk="))}
         return compile_generate(topology[0], **sizes)
     if not argv or argv[0].startswith("--") or len(topology) != 1:
-        raise SystemExit("usage: python aot.py CONFIG --topology=v4-512 [--key=value ...]\n"
-                         "       python aot.py --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]")
+        raise SystemExit("usage: python -m tools.aot CONFIG --topology=v4-512 [--key=value ...]\n"
+                         "       python -m tools.aot --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]")
     tcfg = config.load(argv[0], [a for a in argv[1:] if not a.startswith("--topology=")])
     return compile_train_step(tcfg, topology[0])
 

@@ -21,8 +21,8 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
-import storage
-from records import Source
+from formats import storage
+from formats.readers import Source
 
 VERSION = 1  # part of the corpus folder name: bump it when the demo corpus changes
 PYTHON = f"py{sys.version_info[0]}{sys.version_info[1]}"

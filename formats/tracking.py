@@ -1,5 +1,13 @@
-"""Where a run's records go besides metrics.jsonl (which stays the source of truth): TensorBoard
-event files and Weights & Biases. Written by process 0 only, record by record as the loop logs.
+"""Where a run's metrics go: metrics.jsonl (the source of truth), TensorBoard event files and
+Weights & Biases. Written by process 0 only, record by record as the loop logs.
+
+- metrics.jsonl holds exactly one record per logged step, whatever the kills: every start trims it
+  to the step it starts from (0 on a fresh start), and the loop writes a step's record before any
+  checkpoint of that step commits. On a disk records are appended; an object store has no append,
+  so there the file is rewritten whole (an object appears whole or not at all: a kill leaves the
+  previous version; ~150 bytes a record, a few MB after 20k logged steps), at most every
+  METRICS_REWRITE_SECONDS (GCS takes about one write a second to an object) and before every
+  checkpoint; records a kill loses are of steps past the last checkpoint, which are redone.
 
 - TensorBoard, by default whenever tensorboardX is installed (`tensorboard=False` turns it off):
   event files in out_dir/tensorboard/ (`tensorboard --logdir out_dir/tensorboard`, or several runs'
@@ -22,10 +30,52 @@ import time
 import uuid
 
 import config
-import records
-import recovery
-import storage
+from formats import readers, storage
 
+# ----------------------------------------------------------------------------- metrics.jsonl
+
+METRICS_REWRITE_SECONDS = 5.0
+_remote_metrics = {}  # path -> [the whole metrics.jsonl of a run on an object store, when last written]
+
+
+def log_metrics(out_dir: str, record: dict):
+    path, line = storage.join(out_dir, "metrics.jsonl"), json.dumps(record) + "\n"
+    if storage.is_remote(path):
+        held = _remote_metrics.setdefault(path, ["", 0.0])
+        held[0] += line
+        if time.monotonic() - held[1] >= METRICS_REWRITE_SECONDS:
+            flush_metrics(out_dir)
+        return
+    with open(path, "a") as f:
+        f.write(line)
+
+
+def flush_metrics(out_dir: str):
+    """Write the records log_metrics holds back on an object store (nothing to do on a disk)."""
+    path = storage.join(out_dir, "metrics.jsonl")
+    if path in _remote_metrics:
+        storage.write_bytes(path, _remote_metrics[path][0].encode())
+        _remote_metrics[path][1] = time.monotonic()
+
+
+def trim_metrics(out_dir: str, step: int):
+    """Keep the records of steps <= `step` (the one this start resumes from, 0 if none): later ones
+    are about to be redone. A line torn by a kill mid-write is dropped too."""
+    path = storage.join(out_dir, "metrics.jsonl")
+    keep = []
+    for line in storage.read_bytes(path).decode().splitlines(keepends=True) if storage.exists(path) else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    if storage.is_remote(path):
+        _remote_metrics[path] = ["".join(keep), 0.0]
+    if storage.exists(path):
+        storage.write_bytes(path, "".join(keep).encode())
+
+
+# ----------------------------------------------------------------------------- TensorBoard and W&B
 
 def _scalars(record: dict) -> dict:
     """{tag: value} of a metrics.jsonl record: its numbers, train ones under train/."""
@@ -56,7 +106,7 @@ class Tracker:
                 self.writers.append(_TensorBoard(SummaryWriter(storage.join(cfg.out_dir, "tensorboard"),
                                                                purge_step=start_step + 1)))
         if cfg.wandb_project:
-            wandb = records.optional("wandb", "log to W&B (wandb_project is set)")
+            wandb = readers.optional("wandb", "log to W&B (wandb_project is set)")
             id_file = storage.join(cfg.out_dir, "wandb_id")
             if not storage.exists(id_file):
                 storage.write_bytes(id_file, uuid.uuid4().hex[:16].encode())
@@ -93,7 +143,7 @@ class _TensorBoard:
 
 class _ObjectStoreEvents:
     """tensorboardX's writer factory for an object store: an event file kept in memory and
-    written whole at a flush, at most every recovery.METRICS_REWRITE_SECONDS (and at close)."""
+    written whole at a flush, at most every METRICS_REWRITE_SECONDS (and at close)."""
 
     @staticmethod
     def directory_check(path):
@@ -110,7 +160,7 @@ class _ObjectStoreEvents:
         self.buffer.write(data)
 
     def flush(self, force=False):
-        if force or time.monotonic() - self.written >= recovery.METRICS_REWRITE_SECONDS:
+        if force or time.monotonic() - self.written >= METRICS_REWRITE_SECONDS:
             storage.write_bytes(self.path, self.buffer.getvalue())
             self.written = time.monotonic()
 

@@ -9,7 +9,7 @@ on three promises that hold on a disk and on an object store alike:
   object is written in place; a failed upload is discarded, a killed one never completes.
 - There is no rename and no append on an object store: nothing here offers them. Directories that
   must appear at once (checkpoints) are committed by a marker file written last (checkpoint.py);
-  metrics.jsonl is rewritten whole (recovery.py).
+  metrics.jsonl is rewritten whole (tracking.py).
 - Reads fetch only what they need: `read_ranges` fetches the byte ranges asked for (nearby ranges
   merged into one request), `open` streams with range requests, so a host reading its slice of a
   70B checkpoint or one column of a parquet file does not download whole objects.

@@ -1,10 +1,10 @@
 """Sweeps: one ordinary train.py run per point of a cross product of config values, then a table and
 a figure of what each point learned.
 
-    python ablate.py configs/ablate_code_ratio.py --set sources.code.weight=0,0.3,1,3,10 \
+    python -m tools.ablate configs/ablate_code_ratio.py --set sources.code.weight=0,0.3,1,3,10 \
         --set seed=0,1,2 --sweep_dir out/ablate_code_ratio
-    python ablate.py CONFIG --set lr=1e-3,3e-3 --sweep_dir DIR --steps=200    # --key=value: every point
-    python ablate.py CONFIG --set ... --sweep_dir DIR --print                  # commands for a scheduler
+    python -m tools.ablate CONFIG --set lr=1e-3,3e-3 --sweep_dir DIR --steps=200    # --key=value: every point
+    python -m tools.ablate CONFIG --set ... --sweep_dir DIR --print                  # commands for a scheduler
 
 Each point trains in its own out_dir under the sweep folder (named after its values, e.g.
 `sources.code.weight=10,seed=1`), so each resumes on its own and can be inspected, exported or
@@ -30,11 +30,10 @@ import statistics
 import subprocess
 import sys
 
-import checkpoint
 import config
-import records
+from formats import checkpoint, readers
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def parse_sets(sets: list[str]) -> dict:
@@ -125,7 +124,7 @@ def write_results(sweep_dir: str, rows: list[dict], swept: dict):
 
 
 def plot(sweep_dir: str, table: list[dict], keys: list[str]):
-    matplotlib = records.optional("matplotlib", "draw results.png")
+    matplotlib = readers.optional("matplotlib", "draw results.png")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -3,20 +3,17 @@ directory) or a Hugging Face Llama directory, local or in a bucket, read straigh
 the caller asks for, each process reading only the slices its devices hold.
 
     params, cfg, tokenizer = weights.load(path, lambda cfg: sharding.param_structs(cfg, mesh))
-    params, cfg, tokenizer = weights.for_serving(path, mesh)      # serving.py's layout (sample, eval)
+    params, cfg, tokenizer = weights.for_serving(path, mesh)      # decode.py's layout (sample, eval)
 
-trainer.py's init_from, sample.py and eval.py all read models through `read`.
+train.py's init_from, sample.py and harness.py all read models through `read`.
 """
 import dataclasses
 
 import jax
 
-import checkpoint
-import data
-import hf
-import serving
-import storage
-from tokenizer import Tokenizer
+import decode
+from formats import checkpoint, hf, storage
+from formats.tokenizer import Tokenizer
 
 
 def is_checkpoint(path: str) -> bool:
@@ -44,13 +41,13 @@ def load(path: str, structs_of, dtype: str | None = None):
     """(params, model config, tokenizer) of a checkpoint or Hugging Face directory (`read`), with
     the tokenizer the source carries."""
     params, cfg, reader = read(path, structs_of, dtype=dtype)
-    return params, cfg, data.checkpoint_tokenizer(reader) if reader else Tokenizer.from_dir(path)
+    return params, cfg, reader.tokenizer() if reader else Tokenizer.from_dir(path)
 
 
 def for_serving(path: str, mesh, dtype: str | None = None):
-    """(params in serving.py's layout on `mesh`, model config, tokenizer); `dtype` (e.g. "float32"
+    """(params in decode.py's layout on `mesh`, model config, tokenizer); `dtype` (e.g. "float32"
     to compare with a reference) replaces the model's compute dtype."""
     def structs_of(cfg):
-        serving.check(cfg, mesh.shape)
-        return serving.param_structs(cfg, mesh)
+        decode.check(cfg, mesh.shape)
+        return decode.param_structs(cfg, mesh)
     return load(path, structs_of, dtype)
