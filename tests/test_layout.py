@@ -76,7 +76,7 @@ LAYERS = [
                "formats.demo", "formats.weights", "formats.tracking"}),
     ("data", {"data", "chat"}),
     ("the loop", {"train"}),
-    ("evaluation", {"evaluation.humaneval"}),
+    ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval"}),
     ("commands", {"sft", "sample", "evaluation.harness", "tools.aot", "tools.convert", "tools.plot", "tools.ablate"}),
 ]
 
