@@ -49,8 +49,10 @@ OPEN_FILES = 256
 OUTPUT_CHARS = 16_000  # kept of a program's or a cell's output (its end for a program, its start for a cell)
 NONCE_BYTES = 32
 START_SECONDS = 120.0  # for a shell to start (IPython's import), wide enough for a slow machine
-BWRAP = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--unshare-all",
-         "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+# the child script is bound again over the private /tmp: a checkout under /tmp (a CI clone) must
+# still reach it
+BWRAP = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--ro-bind", CHILD, CHILD,
+         "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
 
 
 @functools.cache
