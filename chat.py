@@ -26,6 +26,7 @@ import collections
 
 import numpy as np
 
+import config
 from formats import readers
 from formats.readers import BadRecord
 from formats.tokenizer import Tokenizer
@@ -130,7 +131,7 @@ class Dataset:
     """One source's conversations, encoded and cut to `capacity` tokens: train and held-out lists.
     skips: the readers.Skips of the run; counts: a Counter of examples, truncated and dropped."""
 
-    def __init__(self, src: readers.Source, tokenizer: Tokenizer, capacity: int, skips: readers.Skips,
+    def __init__(self, src: config.Source, tokenizer: Tokenizer, capacity: int, skips: readers.Skips,
                  counts: collections.Counter):
         self.name, self.weight, self.train, self.held_out = src.name, src.weight, [], []
         good = []

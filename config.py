@@ -26,6 +26,27 @@ import sharding
 
 
 @dataclass(frozen=True)
+class Source:
+    """A named set of files. Pretraining: `weight` is its share of training tokens relative to the
+    other sources (0: evaluated, never trained on) and `field` names the text in each record (The
+    Stack and RefinedWeb use "content", RedPajama "text"). Chat data: `weight` is how many times each example is seen per
+    epoch and `field` is unused (the layout is detected per record)."""
+    name: str
+    paths: tuple[str, ...]  # globs
+    weight: float  # 0: held out and evaluated, never trained on (an ablation's control)
+    field: str = "text"
+    eval_fraction: float = 0.01  # records held out for evaluation
+
+    def __post_init__(self):
+        if isinstance(self.paths, str):
+            raise TypeError(f"source {self.name!r}: paths must be a tuple of globs, not a string")
+        if not (math.isfinite(self.weight) and self.weight >= 0):
+            raise ValueError(f"source {self.name!r}: weight must be a finite number >= 0, got {self.weight}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"source {self.name!r}: eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # where checkpoints, metrics.jsonl and config.json go; a run resumes from here automatically
     out_dir: str = "out/run"
@@ -54,8 +75,7 @@ class TrainConfig:
     # device mesh sizes (data, fsdp, tensor); their product must equal the device count
     mesh: tuple[int, int, int] = (1, 1, 1)
     seed: int = 0
-    # data: readers.Source entries (config files import it as `from data import Source`) mixed by
-    # token weight; empty = the built-in demo corpus (demo.py)
+    # data: Source entries mixed by token weight; empty = the built-in demo corpus (formats/demo.py)
     sources: tuple = ()
     # sentencepiece model; "" = the demo tokenizer built with the demo corpus
     tokenizer: str = ""
@@ -147,10 +167,10 @@ def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: i
         raise bad("init_from", "must be " + ("" if chat else "'' (random), ") + "'hf:DIR' or 'ckpt:DIR'")
     if cfg.bad_records not in ("skip", "raise"):
         raise bad("bad_records", "must be 'skip' or 'raise'")
-    if len(cfg.mesh) != 3 or min(cfg.mesh) <= 0:
-        raise bad("mesh", "must be three positive sizes (data, fsdp, tensor)")
-    if device_count is not None and math.prod(cfg.mesh) != device_count:
-        raise bad("mesh", f"(data, fsdp, tensor) needs {math.prod(cfg.mesh)} devices, this run has {device_count}")
+    try:
+        check_mesh(cfg.mesh, device_count)
+    except ValueError as e:
+        raise bad("mesh", str(e)) from None
     if mcfg is not None:
         check_model(mcfg)
         if cfg.seq_len > mcfg.max_seq_len:
@@ -162,6 +182,28 @@ def validate(cfg: TrainConfig, mcfg: model.Config | None = None, device_count: i
                 attention.resolve(mcfg.attention, platform, cfg.document_mask)
             except ValueError as e:
                 raise ValueError(f"config: model attention: {e}") from None
+
+
+def check_mesh(mesh, device_count: int | None = None, all_devices: bool = True):
+    """Mesh sizes (data, fsdp, tensor), of a config or a command's --mesh: three positive sizes whose
+    product is the device count (all_devices=False: at most it; the first devices are used)."""
+    if len(mesh) != 3 or min(mesh) <= 0:
+        raise ValueError("must be three positive sizes (data, fsdp, tensor)")
+    if device_count is not None and (math.prod(mesh) > device_count or all_devices and math.prod(mesh) != device_count):
+        raise ValueError(f"(data, fsdp, tensor) needs {math.prod(mesh)} devices, this run has {device_count}")
+
+
+def parse_mesh(text: str, device_count: int, all_devices: bool = True) -> tuple:
+    """A command's --mesh=DATA,FSDP,TENSOR, checked (check_mesh)."""
+    try:
+        mesh = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        mesh = ()
+    try:
+        check_mesh(mesh, device_count, all_devices)
+    except ValueError as e:
+        raise ValueError(f"--mesh={text}: {e}") from None
+    return mesh
 
 
 def check_model(mcfg: model.Config):

@@ -47,7 +47,6 @@ import zlib
 import numpy as np
 
 from formats import demo, readers
-from formats.readers import Source  # noqa: F401  (config files write `from data import Source`)
 from formats.tokenizer import Tokenizer
 
 # a short (stream, source) reads documents for this many more batches at its current rate: fewer,
@@ -163,8 +162,7 @@ class Loader:
         if not any(s.weight for s in sources):
             raise ValueError(f"sources {[s.name for s in sources]}: all have weight 0, nothing to train on")
         num_streams = num_streams or math.gcd(batch_size, 64)
-        if batch_size % process_count:
-            raise ValueError(f"batch_size {batch_size} must divide by process_count {process_count}")
+        assert batch_size % process_count == 0, "config.validate refuses this"
         if batch_size % num_streams or num_streams % process_count:
             raise ValueError(f"num_streams {num_streams} must divide batch_size {batch_size}"
                              f" and be divisible by process_count {process_count}")

@@ -1,8 +1,13 @@
-"""Generation on a mesh: batched prompts, the KV cache split over kv heads, the decode collectives.
+"""Decoding and scoring with a KV cache, on any mesh: the one decode path of the project.
 
-    params = decode.load(path, mesh)          # a checkpoint or a Hugging Face directory, each
-    outs = decode.generate(params, cfg, mesh, # process reading only its own slices
-                            [[bos, ...], [bos, ...]], 64, stop_tokens=(eos,))
+    params, cfg, tokenizer = weights.for_serving(path, mesh)   # each process reads its own slices
+    outs = decode.generate(params, cfg, mesh, [[bos, ...], [bos, ...]], 64, stop_tokens=(eos,))
+    params = decode.reshard(train_params, cfg, mesh)           # training's params, in this layout
+
+sample.py (one device is the mesh (1, 1, 1)), train.py's end-of-run sample and the evaluation all
+decode here. Greedy (temperature 0) or sampled with temperature, top-k and top-p (nucleus) from a
+seed; each row stops at a stop token (included in its output), after max_new_tokens, or when its
+context is full.
 
 The layout. Decoding one token per row reads every weight once per step and does little math
 with it, so its cost is the bytes of weights each chip reads. Training's FSDP split would
@@ -33,7 +38,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import attention
-import generate as single
 import model
 from sharding import BATCH, embed_rows, target_logprobs
 
@@ -120,7 +124,7 @@ def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
     row's last prompt token (position lengths - 1; the chunk's nearest position when it lies
     outside), and the cache with these positions written."""
     B, T = tokens.shape
-    S, tensor = cache["k"].shape[2], jax.lax.axis_size("tensor")
+    S = cache["k"].shape[2]
     positions = start[:, None] + jnp.arange(T)[None, :]  # [B, T]
     rope = model.rope_tables(positions, cfg.head_dim, cfg.rope_theta)  # per row: (B, T, H)
     # each row sees the cache up to its own position (prefill: its prompt's causal triangle)
@@ -150,18 +154,57 @@ def _device_step(params, tokens, lengths, cache, start, cfg: model.Config):
     return jax.lax.all_gather(logits, "tensor", axis=1, tiled=True), {"k": k, "v": v}
 
 
-@partial(jax.jit, static_argnames=("cfg", "mesh", "vocab_size"), donate_argnames="cache")
-def step(params, tokens, lengths, cache, start, key, opts, cfg, mesh, vocab_size):
-    """The jitted step over the mesh: a prefill chunk or a decode step, then sampling (generate.py's)."""
+def forward(params, tokens, lengths, cache, start, cfg: model.Config, mesh):
+    """The step's program over the mesh (traced inside `step`; tests call it under jit): logits
+    [B, V] fp32 at each row's last prompt token (see _device_step) and the cache with the tokens'
+    positions written."""
     rows = P(BATCH)
     cache_specs = {"k": cache_spec(), "v": cache_spec()}
-    logits, cache = jax.shard_map(
-        partial(_device_step, cfg=cfg), mesh=mesh,
-        in_specs=(param_specs(cfg, mesh.shape["tensor"]), rows, rows, cache_specs, rows),
-        out_specs=(rows, cache_specs), check_vma=False)(params, tokens, lengths, cache, start)
-    token = single.sample_logits(logits[:, :vocab_size], key, *opts).astype(jnp.int32)
+    return jax.shard_map(partial(_device_step, cfg=cfg), mesh=mesh,
+                         in_specs=(param_specs(cfg, mesh.shape["tensor"]), rows, rows, cache_specs, rows),
+                         out_specs=(rows, cache_specs), check_vma=False)(params, tokens, lengths, cache, start)
+
+
+def sample_logits(logits, key, temperature, top_k, top_p):
+    """Next tokens (B,) from logits (B, V): argmax at temperature 0, else a draw from the softmax of
+    logits / temperature restricted to the top_k tokens (0 = all), then to the fewest of those whose
+    probability reaches top_p (1 = all). The options are traced values: one compiled step serves all."""
+    V = logits.shape[-1]
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    desc = jnp.sort(scaled, axis=-1)[:, ::-1]
+    in_top_k = jnp.arange(V) < jnp.where(top_k > 0, top_k, V)
+    probs = jax.nn.softmax(jnp.where(in_top_k, desc, -jnp.inf), axis=-1)
+    kept = in_top_k & (jnp.cumsum(probs, axis=-1) - probs < top_p)  # before reaching top_p, and the one that does
+    cutoff = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+    draw = jax.random.categorical(key, jnp.where(scaled < cutoff, -jnp.inf, scaled), axis=-1)
+    return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1), draw)
+
+
+def check_options(temperature, top_k, top_p):
+    """Refuse sampling options that cannot be right (top_p=0 would keep no token at all): called
+    by the commands that take them, before anything is loaded."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature}: must be a finite number >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k}: must be >= 0 (0 = all tokens)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1] (1 = all tokens)")
+
+
+@partial(jax.jit, static_argnames=("cfg", "mesh", "vocab_size"), donate_argnames="cache")
+def step(params, tokens, lengths, cache, start, key, opts, cfg, mesh, vocab_size):
+    """The jitted step over the mesh: a prefill chunk or a decode step, then the next tokens."""
+    logits, cache = forward(params, tokens, lengths, cache, start, cfg, mesh)
+    token = sample_logits(logits[:, :vocab_size], key, *opts).astype(jnp.int32)
     # every process reads every row's token (multi-host: the rows live on other hosts too)
     return jax.lax.with_sharding_constraint(token, NamedSharding(mesh, P())), cache
+
+
+def reshard(params, cfg: model.Config, mesh):
+    """Params in any layout (training's fp32, sharded over its mesh) -> this module's layout on
+    `mesh`, in the compute dtype (the cast model.layer would make at each matmul, made once)."""
+    shardings = jax.tree.map(lambda s: s.sharding, param_structs(cfg, mesh))
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(cfg.dtype), p), out_shardings=shardings)(params)
 
 
 def new_cache(cfg: model.Config, mesh, rows: int, size: int):
@@ -174,10 +217,11 @@ def new_cache(cfg: model.Config, mesh, rows: int, size: int):
 
 def generate(params, cfg: model.Config, mesh, prompts: list, max_new_tokens: int, *, temperature=0.0, top_k=0,
              top_p=1.0, seed=0, stop_tokens=(), vocab_size=None, prefill_chunk=512) -> list[list[int]]:
-    """The new tokens of each prompt (lists of ids of any lengths): generate.generate's contract,
-    for a batch on a mesh. Each row stops at its own stop token (included), after max_new_tokens,
-    or when its context is full. Rows are padded to a multiple of the mesh's batch ways."""
-    single.check_options(temperature, top_k, top_p)
+    """The new tokens of each prompt (lists of ids of any lengths). Each row stops at its own stop
+    token (included), after max_new_tokens, or when its context is full. vocab_size: sample only
+    ids below it (a padded vocabulary's extra rows are never real tokens). Rows are padded to a
+    multiple of the mesh's batch ways. The cache holds the longest prompt plus max_new_tokens,
+    rounded up to 256 positions (few compiled sizes), at most the context."""
     check(cfg, mesh.shape)
     lengths = [len(p) for p in prompts]
     if not prompts or not all(0 < n < cfg.max_seq_len for n in lengths):

@@ -8,7 +8,7 @@ leading layer axis and run through one `lax.scan` under `jax.checkpoint`. Matmul
 attention.py.
 
 `layer` is the one residual layer of the project: the unsharded forward below, sharding.py's
-per-device program and generate.py's cached decoding all call it, passing in what differs (the
+per-device program and decode.py's cached decoding all call it, passing in what differs (the
 collectives around each block, the attention core with or without a KV cache). An ablation of the
 block edits `layer` (or a block it calls) once. The blocks read head counts from the weights they
 are given, not from the config, so they run unchanged on a tensor-parallel device's local heads.
@@ -58,10 +58,11 @@ REMAT_POLICIES = ("none", "full", "dots", "offload")
 HOW = ("dtype", "remat", "attention")
 
 
-def math_of(cfg: Config) -> Config:
-    """cfg with the HOW fields at their defaults: two configs compute the same function when their
-    math_of are equal."""
-    return dataclasses.replace(cfg, **{f: getattr(Config, f) for f in HOW})
+def math_changes(old: Config, new: Config, ignore: tuple = ()) -> list[str]:
+    """["field old -> new", ...] for every field that changes what the model computes (all but the
+    HOW fields and `ignore`): empty when params of `old` are params of `new`."""
+    return [f"{f.name} {getattr(old, f.name)!r} -> {getattr(new, f.name)!r}" for f in dataclasses.fields(Config)
+            if f.name not in HOW + tuple(ignore) and getattr(old, f.name) != getattr(new, f.name)]
 
 
 LLAMA2_7B = Config(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008)
@@ -108,9 +109,7 @@ def init_params(cfg: Config, key) -> dict:
     """Random fp32 params: norms at 1, matrices normal(0, 0.02) (Llama's init; residual
     projections scaled by 1/sqrt(2 L) as in GPT-2). Under `jax.jit(..., out_shardings=...)` each
     device only ever holds its own shard."""
-    if cfg.dim % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
-        raise ValueError(f"dim {cfg.dim} must divide by n_heads {cfg.n_heads}, "
-                         f"and n_heads by n_kv_heads {cfg.n_kv_heads}")
+    assert cfg.dim % cfg.n_heads == 0 and cfg.n_heads % cfg.n_kv_heads == 0, "config.check_model refuses this"
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(

@@ -1,5 +1,5 @@
-"""Talk to a checkpoint or a Hugging Face model: generation with a KV cache (generate.py), on one
-device or batched and sharded over a mesh (decode.py).
+"""Talk to a checkpoint or a Hugging Face model: the prompts decoded as one batch with a KV cache
+(decode.py), on one device or sharded over a mesh of all devices.
 
     python sample.py out/tiny --prompt "def fibonacci(n):"                 # a training out_dir: newest checkpoint
     python sample.py out/tiny_chat --chat --prompt 'What does `shlex.quote` do?'
@@ -10,10 +10,10 @@ device or batched and sharded over a mesh (decode.py).
 Sources: a training out_dir (its newest complete checkpoint) or one checkpoint directory, saved on
 any mesh, with the model config and tokenizer the checkpoint carries; or a Hugging Face Llama
 directory (tokenizer.model and, if present, added_tokens.json in it); any of them in a bucket.
-Without --mesh the params are restored onto one device and each prompt is decoded alone. With
---mesh=DATA,FSDP,TENSOR (product = all devices of all processes; start the same command on every
-host) each process reads only its slices of the params in the serving layout (tensor-parallel,
-compute dtype), and the prompts (--prompt, repeatable) are decoded as one batch. `--chat` wraps
+The params are read in decode.py's layout (tensor-parallel, in the compute dtype) onto one device,
+or with --mesh=DATA,FSDP,TENSOR (product = all devices of all processes; start the same command on
+every host) onto that mesh, each process reading only its own slices. The prompts (--prompt,
+repeatable) are decoded as one batch. `--chat` wraps
 each prompt in ChatML (chat.encode_prompt) and stops at `<|im_end|>`; without `--prompt` it chats
 (one process only). Decoding: greedy (temperature 0, the default) or temperature / top-k / top-p
 from a seed.
@@ -23,17 +23,10 @@ import argparse
 import jax
 
 import chat
+import config
 import decode
 import sharding
 from formats import weights
-from generate import check_options, generate
-
-
-def load(path: str):
-    """(params on one device, model config, tokenizer) of a training out_dir or checkpoint
-    directory, or of a Hugging Face Llama directory (weights.py)."""
-    one_device = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    return weights.load(path, lambda cfg: sharding.param_structs(cfg, one_device))
 
 
 def main(argv=None):
@@ -41,7 +34,7 @@ def main(argv=None):
     parser.add_argument("path", help="training out_dir, checkpoint directory or Hugging Face Llama directory")
     parser.add_argument("--prompt", action="append",
                         help="generate from this prompt (repeat it for a batch; default: interactive chat)")
-    parser.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of all devices (decode.py)")
+    parser.add_argument("--mesh", help="DATA,FSDP,TENSOR: generate on a mesh of all devices (default: one device)")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in ChatML, stop at <|im_end|>")
     parser.add_argument("--system", default="", help="a system message for chat")
     parser.add_argument("--max_new_tokens", type=int, default=256)
@@ -52,20 +45,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sharding.select_platforms()
     try:  # before anything is loaded
-        check_options(args.temperature, args.top_k, args.top_p)
+        decode.check_options(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         parser.error(str(e))
     if args.mesh:
         sharding.initialize_distributed()
         try:
-            mesh = sharding.make_mesh(*(int(n) for n in args.mesh.split(",")))
-        except (TypeError, ValueError) as e:
-            parser.error(f"--mesh={args.mesh}: {e}")
-        params, cfg, tokenizer = weights.for_serving(args.path, mesh)
+            mesh = sharding.make_mesh(*config.parse_mesh(args.mesh, jax.device_count()))
+        except ValueError as e:
+            parser.error(str(e))
         if args.prompt is None and jax.process_count() > 1:
             parser.error("several processes cannot share an interactive chat: pass --prompt")
     else:
-        params, cfg, tokenizer = load(args.path)
+        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params, cfg, tokenizer = weights.for_serving(args.path, mesh)
     chatting = args.chat or args.prompt is None
     if chatting and "<|im_end|>" not in tokenizer.added:
         raise SystemExit(f"{args.path}: not a chat model (its tokenizer has no <|im_end|>); pass --prompt without --chat")
@@ -75,9 +68,7 @@ def main(argv=None):
     history = [("system", args.system)] if args.system else []
 
     def run(batch: list) -> list:
-        if args.mesh:
-            return decode.generate(params, cfg, mesh, batch, args.max_new_tokens, seed=args.seed, **opts)
-        return [generate(params, cfg, tokens, args.max_new_tokens, seed=args.seed, **opts) for tokens in batch]
+        return decode.generate(params, cfg, mesh, batch, args.max_new_tokens, seed=args.seed, **opts)
 
     def text(out: list) -> str:
         return tokenizer.decode(out[:-1] if out and out[-1] in stop else out)

@@ -52,9 +52,8 @@ def model_config(tcfg: SFTConfig, tokenizer) -> model.Config:
     """The configured model (its dtype and remat) with the padded chat vocabulary; the base model
     must have that architecture and a vocabulary between the tokenizer's base and padded sizes."""
     base, mcfg = base_config(tcfg.init_from), config.model_config(tcfg)
-    strip = lambda c: dataclasses.replace(model.math_of(c), vocab_size=0)
-    if strip(base) != strip(mcfg):
-        raise ValueError(f"{tcfg.init_from}: its architecture {base} is not model={tcfg.model!r}")
+    if changed := model.math_changes(base, mcfg, ignore=("vocab_size",)):
+        raise ValueError(f"{tcfg.init_from}: its architecture is not model={tcfg.model!r} ({', '.join(changed)})")
     mcfg = dataclasses.replace(mcfg, vocab_size=math.lcm(chat.padded_vocab(tokenizer), tcfg.mesh[2]))
     if not tokenizer.sp.get_piece_size() <= base.vocab_size <= mcfg.vocab_size:
         raise ValueError(f"{tcfg.init_from}: vocabulary {base.vocab_size} does not fit the tokenizer "

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import config
 import data
-import generate
+import decode
 import model
 import sharding
 from formats import checkpoint, storage, tracking, weights
@@ -102,10 +102,6 @@ def load_params(init_from: str, mcfg: model.Config, mesh):
     return weights.read(path, structs_of, kind=kind)[0]
 
 
-def all_finite(tree):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def make_train_step(cfg: config.TrainConfig, tx, mcfg: model.Config, mesh):
     """jitted step(state, batch, stop) -> (state, metrics); batch["tokens"] is (microbatches, rows,
     T+1), stop the stop_flags of every process. metrics["stop"] is whether any process asked to
@@ -130,7 +126,8 @@ def make_train_step(cfg: config.TrainConfig, tx, mcfg: model.Config, mesh):
         new_params = optax.apply_updates(params, updates)
         # skip the update, keeping the old state, unless everything it would write is finite (a
         # finite loss and gradient can still overflow the params, e.g. at a huge learning rate)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_params) & all_finite(opt_state)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.stack(
+            jax.tree.leaves(checkpoint.finite((new_params, opt_state)))))
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "step": state["step"] + 1}
@@ -268,11 +265,9 @@ def evaluate(eval_step, params, loader, cfg: config.TrainConfig, mesh, step: int
 
 
 def save(cfg: config.TrainConfig, mcfg: model.Config, step: int, state, loader, log: Log):
-    """An atomic checkpoint of `step`: the state, every process's loader position, the loop's
-    position, the run's tokenizer; every metrics record up to `step` is written before it commits."""
-    if bad := checkpoint.nonfinite_paths(state):  # cannot happen (such steps are skipped): never save it
-        print(f"not saving step {step}: non-finite values in {', '.join(bad[:4])}")
-        return
+    """An atomic checkpoint of `step`: the state (finite: the step never writes a non-finite one),
+    every process's loader position, the loop's position, the run's tokenizer; every metrics record
+    up to `step` is written before it commits."""
     meta = {"config": json.loads(config.to_json(cfg)), "model": dataclasses.asdict(mcfg), "seed": cfg.seed,
             "loop": log.position()}
     if jax.process_index() == 0:
@@ -280,10 +275,13 @@ def save(cfg: config.TrainConfig, mcfg: model.Config, step: int, state, loader, 
     checkpoint.save(cfg.out_dir, step, state, loader.state(), meta, cfg.keep_checkpoints, loader.tokenizer)
 
 
-def sample(state, mcfg: model.Config, tokenizer, prompt: str):
-    """The end-of-run greedy continuation of `prompt` (64 tokens)."""
-    ids = generate.generate(state["params"], mcfg, [tokenizer.bos_id] + tokenizer.encode(prompt), 64,
-                            stop_tokens=(tokenizer.eos_id,), vocab_size=tokenizer.vocab_size)
+def sample(params, mcfg: model.Config, mesh, tokenizer, prompt: str):
+    """The end-of-run greedy continuation of `prompt` (64 tokens), decoded as sample.py decodes, on
+    the training mesh in decode.py's layout (tensor-parallel: leave sample_prompt empty where the
+    model split over the tensor axis alone does not fit a device beside the train state)."""
+    ids = decode.generate(decode.reshard(params, mcfg, mesh), mcfg, mesh,
+                          [[tokenizer.bos_id] + tokenizer.encode(prompt)], 64,
+                          stop_tokens=(tokenizer.eos_id,), vocab_size=tokenizer.vocab_size)[0]
     if jax.process_index() == 0:
         print(f"sample: {prompt}{tokenizer.decode(ids)}")
 
@@ -338,7 +336,7 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     loader.close()
     log.tracker.close()
     if cfg.sample_prompt and int(state["step"]) == cfg.steps:
-        sample(state, mcfg, loader.tokenizer, cfg.sample_prompt)
+        sample(state["params"], mcfg, mesh, loader.tokenizer, cfg.sample_prompt)
     return state
 
 

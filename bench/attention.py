@@ -1,5 +1,5 @@
 """One layer's causal attention, forward + backward: our implementations against the plain masked
-softmax (attention.attend under a causal mask, differentiated by JAX) and torch's
+softmax (attention.causal_attention, the reference, differentiated by JAX) and torch's
 `scaled_dot_product_attention(is_causal=True)` (what Hugging Face's Llama calls, a fused kernel).
 
     python bench/attention.py                   # batch 8, seq 512, 8 heads on 8 kv heads of 64, fp32, CPU
@@ -58,9 +58,8 @@ def measure(B, T, N, K, H, dtype="float32", implementations=("jnp", "plain"), bl
     rng = np.random.default_rng(0)
     q, dout = (jnp.asarray(rng.standard_normal((B, T, N, H), np.float32), dtype) for _ in range(2))
     k, v = (jnp.asarray(rng.standard_normal((B, T, K, H), np.float32), dtype) for _ in range(2))
-    mask = jnp.tril(jnp.ones((T, T), bool))[None]
-    kernels = {"jnp": lambda q, k, v: attention.causal_attention(q, k, v, block=block),
-               "plain": lambda q, k, v: attention.attend(q, k, v, mask),
+    kernels = {"jnp": lambda q, k, v: attention.flash_attention(q, k, v, block=block),
+               "plain": attention.causal_attention,
                "cudnn": attention.cudnn_attention}
 
     def forward_backward(attn, dtype=dtype):

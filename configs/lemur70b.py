@@ -8,8 +8,7 @@
 # Every path is in one Cloud Storage bucket that all hosts read and write (needs
 # requirements-cloud.txt); replace BUCKET with yours. The datasets are as Hugging Face distributes
 # them, copied into the bucket as docs/data.md#preparing-the-lemur-corpus shows.
-from config import TrainConfig
-from data import Source
+from config import Source, TrainConfig
 
 BUCKET = "gs://YOUR_BUCKET"
 # The Stack (deduplicated), the scripting languages the paper names, Python the largest share:

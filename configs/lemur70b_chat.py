@@ -2,8 +2,7 @@
 # ~300K conversations (OpenAssistant, Orca, ShareGPT, Evol-CodeAlpaca) in ChatML, on a TPU v4-512.
 # On every host:   python sft.py configs/lemur70b_chat.py
 # Paths are placeholders for your storage; out_dir must be visible to every host.
-from config import SFTConfig
-from data import Source
+from config import Source, SFTConfig
 
 config = SFTConfig(
     out_dir="/mnt/lemur/lemur70b_chat",

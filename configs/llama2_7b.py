@@ -1,8 +1,7 @@
 # Ablations at 7B: the Lemur recipe on Llama-2-7B, on a TPU v4-32 (16 chips). On every host:
 #   python train.py configs/llama2_7b.py
 # Compile-only check from any machine with jax[tpu]:  python -m tools.aot configs/llama2_7b.py --topology=v4-32
-from config import TrainConfig
-from data import Source
+from config import Source, TrainConfig
 
 config = TrainConfig(
     out_dir="/mnt/lemur/llama2_7b",

@@ -30,6 +30,7 @@ import sys
 import jax
 import numpy as np
 
+import config
 import decode
 import sharding
 from evaluation import humaneval
@@ -209,7 +210,11 @@ def main(argv=None):
         parser.error("give a model path and --tasks or --humaneval (or --score_humaneval SAMPLES)")
     sharding.select_platforms()
     sharding.initialize_distributed()
-    model = Model(args.path, tuple(int(n) for n in args.mesh.split(",")), args.dtype)
+    try:
+        mesh = config.parse_mesh(args.mesh, jax.device_count(), all_devices=False)
+    except ValueError as e:
+        parser.error(str(e))
+    model = Model(args.path, mesh, args.dtype)
     main_process = jax.process_index() == 0
     if args.tasks:
         results = run_tasks(model, args.tasks.split(","), args.num_fewshot, args.limit, args.include_path)

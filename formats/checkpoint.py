@@ -44,7 +44,6 @@ network error: a read of an object store that fails after gcsfs's retries stops 
 nothing aside (start it again), so a passing network fault never costs the newest checkpoint. A
 checkpoint of another model (any field that changes the math) is refused before anything is written.
 """
-import dataclasses
 import json
 import re
 import zlib
@@ -332,19 +331,23 @@ def _everywhere(flag: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
+def finite(tree):
+    """Whether every leaf of `tree` is free of NaN and infinity: a bool per leaf (traceable; the
+    train step reduces them to skip an update that would write one)."""
+    return jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), tree)
+
+
 def nonfinite_paths(tree) -> list[str]:
     """The paths of the leaves of `tree` holding a NaN or an infinity."""
-    flags = jax.device_get(jax.jit(lambda t: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), t))(tree))
+    flags = jax.device_get(jax.jit(finite)(tree))
     return [jax.tree_util.keystr(p, simple=True, separator="/")
             for p, ok in jax.tree_util.tree_flatten_with_path(flags)[0] if not ok]
 
 
 def check_same_model(saved: model.Config, mcfg: model.Config, where: str):
-    """Refuse to continue from a model whose math differs: every field but the compute dtype, the
-    remat policy and the attention kernel (they change how, not what, is computed)."""
-    changed = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(mcfg, f.name)!r}" for f in dataclasses.fields(mcfg)
-               if f.name not in model.HOW and getattr(saved, f.name) != getattr(mcfg, f.name)]
-    if changed:
+    """Refuse to continue from a model whose math differs (model.math_changes: the compute dtype,
+    the remat policy and the attention kernel may differ; they change how, not what, is computed)."""
+    if changed := model.math_changes(saved, mcfg):
         raise ValueError(f"{where} holds another model than the configured one ({', '.join(changed)}); "
                          "resume with the model it was trained with, or use another out_dir")
 

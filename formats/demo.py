@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from formats import storage
-from formats.readers import Source
+from config import Source
 
 VERSION = 1  # part of the corpus folder name: bump it when the demo corpus changes
 PYTHON = f"py{sys.version_info[0]}{sys.version_info[1]}"

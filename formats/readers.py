@@ -19,14 +19,12 @@ the first few logged as `file:record: reason`, or raised under bad_records="rais
 unreadable files and unknown formats fail when the sources are opened.
 """
 import collections
-import dataclasses
 import gzip
 import hashlib
 import importlib
 import io
 import json
 import logging
-import math
 import os
 import threading
 
@@ -38,27 +36,6 @@ PRETRAINING_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet",
 CHAT_FORMATS = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".parquet")
 
 
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """A named set of files. Pretraining: `weight` is its share of training tokens relative to the
-    other sources (0: evaluated, never trained on) and `field` names the text in each record (The
-    Stack and RefinedWeb use "content", RedPajama "text"). Chat data: `weight` is how many times each example is seen per
-    epoch and `field` is unused (the layout is detected per record)."""
-    name: str
-    paths: tuple[str, ...]  # globs
-    weight: float  # 0: held out and evaluated, never trained on (an ablation's control)
-    field: str = "text"
-    eval_fraction: float = 0.01  # records held out for evaluation
-
-    def __post_init__(self):
-        if isinstance(self.paths, str):
-            raise TypeError(f"source {self.name!r}: paths must be a tuple of globs, not a string")
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"source {self.name!r}: weight must be a finite number >= 0, got {self.weight}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"source {self.name!r}: eval_fraction must be in [0, 1), got {self.eval_fraction}")
-
-
 class BadRecord(ValueError):
     """A record that cannot be used; the message is the reason (with its place once raised)."""
 
@@ -68,8 +45,7 @@ class Skips:
     Thread-safe: a loader's prefetch thread and its evaluation both read."""
 
     def __init__(self, policy: str):
-        if policy not in ("skip", "raise"):
-            raise ValueError(f"bad_records must be 'skip' or 'raise', not {policy!r}")
+        assert policy in ("skip", "raise"), "config.validate refuses this"
         self.policy, self.counts, self.lock = policy, collections.Counter(), threading.Lock()
 
     def __call__(self, where: str, reason: str):
@@ -89,7 +65,7 @@ def optional(module: str, purpose: str):
         raise ImportError(f"install {module.split('.')[0]} to {purpose}") from None
 
 
-def files(src: Source, formats=PRETRAINING_FORMATS) -> list[str]:
+def files(src, formats=PRETRAINING_FORMATS) -> list[str]:
     """The sorted files of a source, each checked to be readable and of a known format."""
     found = set()
     for pattern in src.paths:

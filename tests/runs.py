@@ -44,7 +44,7 @@ def write_config(path, corpus, out_dir, **overrides):
     fields.update(overrides)
     path.write_text(textwrap.dedent(f"""
         from config import TrainConfig
-        from data import Source
+        from config import Source
         from model import Config
         config = TrainConfig(
             model=Config(**{dataclasses.asdict(MICRO)!r}),

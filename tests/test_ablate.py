@@ -15,9 +15,9 @@ from conftest import ROOT, subprocess_env
 from runs import write_config
 
 import config
+from config import Source
 import model
 from data import Loader
-from formats.readers import Source
 from formats.tokenizer import Tokenizer
 
 

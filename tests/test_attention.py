@@ -1,5 +1,6 @@
-"""attention.py's kernels against the jnp reference: the splash kernel (in Pallas interpret mode on
-the CPU) alone and inside the sharded program, and which kernel each platform gets."""
+"""The fused attention of kernels/ against attention.py's reference (the plain masked softmax):
+FlashAttention in jnp and the splash kernel (in Pallas interpret mode on the CPU), alone and inside
+the sharded program; cuDNN traced inside it; and which kernel each platform gets."""
 import dataclasses
 from functools import partial
 
@@ -21,8 +22,23 @@ def qkv_and_segments():
     return q, k, v, segment_ids
 
 
+@pytest.mark.parametrize("block", [4, 5, 16])
+def test_flash_matches_the_reference_values_and_gradients(block):
+    """flash_attention (query blocks, skipped masked tiles, its own backward pass) against the
+    reference differentiated by JAX: values and grads, grouped-query heads (4 on 2) and packed
+    documents."""
+    T = 16
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, T, 4 if i == 0 else 2, 8)) for i in range(3))
+    segment_ids = jnp.cumsum(jax.random.bernoulli(jax.random.key(3), 0.2, (2, T)), axis=1)
+    ours = lambda q, k, v: jnp.sum(jnp.sin(attention.flash_attention(q, k, v, segment_ids, block)))
+    plain = lambda q, k, v: jnp.sum(jnp.sin(attention.causal_attention(q, k, v, segment_ids)))
+    for a, b in zip(*(jax.tree.leaves(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v))
+                      for f in (ours, plain))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("segments", [False, True], ids=["causal", "documents"])
-def test_splash_matches_jnp_values_and_gradients(segments):
+def test_splash_matches_the_reference_values_and_gradients(segments):
     q, k, v, segment_ids = qkv_and_segments()
     segment_ids = segment_ids if segments else None
     assert segment_ids is None or 2 < len(np.unique(segment_ids)) < T // 10  # documents across block edges

@@ -19,9 +19,9 @@ import sentencepiece as spm
 from conftest import subprocess_env
 
 import data
+from config import Source
 from data import Loader
 from formats import demo, readers
-from formats.readers import Source
 from formats.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -291,7 +291,7 @@ def test_demo_corpus_is_deterministic_and_cached(tmp_path, runs_dir):
 def test_cli_prints_shares(tmp_path, tok_path):
     sources = corpus(tmp_path, files=(2, 1))
     cfg = tmp_path / "cfg.py"
-    cfg.write_text(f"from config import TrainConfig\nfrom data import Source\n"
+    cfg.write_text(f"from config import Source, TrainConfig\n"
                    f"config = TrainConfig(sources={tuple(sources)!r}, tokenizer={tok_path!r}, seq_len=32, batch_size=4)\n")
     out = subprocess.run([sys.executable, "data.py", str(cfg), "--batches", "20", "--seed=1"], cwd=ROOT,
                          capture_output=True, text=True, check=True, env=subprocess_env()).stdout

@@ -1,5 +1,5 @@
 """One residual layer, three paths: model.layer is what the unsharded forward, sharding.py's
-shard_map program and generate.py's cached decoding all run. Patching it (here: GPT-J's parallel
+shard_map program and decode.py's cached decoding all run. Patching it (here: GPT-J's parallel
 attention + MLP, an ablation a fork might try) must change all three the same way."""
 import types
 from functools import partial
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import generate
+import decode
 import model
 import sharding
 
@@ -37,11 +37,14 @@ def three_paths(params):
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])  # fsdp and tensor (sequence) parallel
     sharded_loss = jax.jit(partial(sharding.loss_sum, cfg=CFG, mesh=mesh))(
         sharding.shard_params(params, CFG, mesh), {"tokens": jnp.asarray(TOKENS)})[0]
-    shape = (CFG.n_layers, len(TOKENS), CFG.max_seq_len, CFG.n_kv_heads, CFG.head_dim)
-    cache = {"k": jnp.zeros(shape), "v": jnp.zeros(shape)}
-    prefill, cache = generate.forward_cached(params, jnp.asarray(inputs), cache, 0, CFG)
-    decode, _ = generate.forward_cached(params, jnp.asarray(TOKENS[:, -1:]), cache, inputs.shape[1], CFG)
-    return unsharded, {"loss": sharded_loss}, {"prefill": prefill, "decode": decode}
+    tensor = sharding.make_mesh(1, 1, 2, devices=jax.devices()[:2])  # decoding's kv-head split
+    forward = jax.jit(partial(decode.forward, cfg=CFG, mesh=tensor))
+    B, T = inputs.shape
+    cache = decode.new_cache(CFG, tensor, B, CFG.max_seq_len)
+    lengths = np.full(B, T, np.int32)
+    prefill, cache = forward(decode.reshard(params, CFG, tensor), inputs, lengths, cache, np.zeros(B, np.int32))
+    step, _ = forward(decode.reshard(params, CFG, tensor), TOKENS[:, -1:], lengths + 1, cache, lengths)
+    return unsharded, {"loss": sharded_loss}, {"prefill": prefill, "decode": step}
 
 
 def test_a_patched_layer_changes_all_three_paths_alike(monkeypatch):
@@ -65,12 +68,12 @@ def test_unpatched_paths_agree():
         np.testing.assert_allclose(cached[key], unsharded[key], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["sharding", "generate"])
+@pytest.mark.parametrize("path", ["sharding", "decode"])
 def test_a_path_with_its_own_layer_is_caught(monkeypatch, path):
     """Guard: were one path to keep a copy of the old layer, the agreement check above fails."""
     original = model.layer
     monkeypatch.setattr(model, "layer", parallel_layer)
-    module = {"sharding": sharding, "generate": generate}[path]
+    module = {"sharding": sharding, "decode": decode}[path]
     monkeypatch.setattr(module, "model", types.SimpleNamespace(**{**vars(model), "layer": original}))
     unsharded, sharded, cached = three_paths(model.init_params(CFG, jax.random.key(0)))
     got = sharded["loss"] if path == "sharding" else cached["prefill"]

@@ -79,14 +79,14 @@ def max_diff(params, m, cfg=CFG):
 
 @pytest.mark.parametrize("block", [128, 8, 7])  # T = 32: one query block, 4 blocks, 5 uneven ones
 def test_logits_match_transformers(hf_model, monkeypatch, block):
-    monkeypatch.setattr(attention, "causal_attention", partial(attention.causal_attention, block=block))
+    monkeypatch.setattr(attention, "flash_attention", partial(attention.flash_attention, block=block))
     assert max_diff(from_state_dict(hf_model.state_dict(), CFG), hf_model) <= TOL
 
 
 def test_grads_match_transformers(hf_model, monkeypatch):
     """Every d loss / d param against torch autograd through HF's model: checks the hand-written
     attention backward (5 uneven query blocks here) along with everything JAX differentiates."""
-    monkeypatch.setattr(attention, "causal_attention", partial(attention.causal_attention, block=7))
+    monkeypatch.setattr(attention, "flash_attention", partial(attention.flash_attention, block=7))
     params = from_state_dict(hf_model.state_dict(), CFG)
     hf_model.zero_grad()
     tokens = torch.tensor(TOKENS)
@@ -101,22 +101,6 @@ def test_grads_match_transformers(hf_model, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(), err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("block", [4, 5, 16])
-def test_causal_attention_matches_masked_softmax(block):
-    """causal_attention (query blocks, skipped masked tiles, its own backward pass) against plain
-    masked-softmax attention differentiated by JAX: values and grads, grouped-query heads (4 on 2)
-    and packed documents."""
-    T = 16
-    q, k, v = (jax.random.normal(jax.random.key(i), (2, T, 4 if i == 0 else 2, 8)) for i in range(3))
-    segment_ids = jnp.cumsum(jax.random.bernoulli(jax.random.key(3), 0.2, (2, T)), axis=1)
-    mask = jnp.tril(jnp.ones((T, T), bool))[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    ours = lambda q, k, v: jnp.sum(jnp.sin(attention.causal_attention(q, k, v, segment_ids, block)))
-    plain = lambda q, k, v: jnp.sum(jnp.sin(attention.attend(q, k, v, mask)))
-    for a, b in zip(*(jax.tree.leaves(jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v))
-                      for f in (ours, plain))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("broken", ["rope_layout", "kv_grouping"])
 def test_parity_test_catches_broken_model(hf_model, monkeypatch, broken):
     """The parity check above must fail when RoPE or the kv-head grouping is wrong."""
@@ -127,14 +111,14 @@ def test_parity_test_catches_broken_model(hf_model, monkeypatch, broken):
             return jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).reshape(x.shape)
         monkeypatch.setattr(model, "apply_rope", apply_rope)
     else:  # query head n served by kv head n % K instead of n // G
-        attend = attention.causal_attention
+        attend = attention.flash_attention
         def interleaved(q, k, v, segment_ids):
             B, T, N, H = q.shape
             K = k.shape[2]
             q = q.reshape(B, T, N // K, K, H).swapaxes(2, 3).reshape(B, T, N, H)
             out = attend(q, k, v, segment_ids)
             return out.reshape(B, T, K, N // K, H).swapaxes(2, 3).reshape(B, T, N, H)
-        monkeypatch.setattr(attention, "causal_attention", interleaved)
+        monkeypatch.setattr(attention, "flash_attention", interleaved)
     assert max_diff(from_state_dict(hf_model.state_dict(), CFG), hf_model) > 10 * TOL  # the parity test would fail
 
 

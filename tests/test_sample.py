@@ -1,5 +1,6 @@
-"""generate.py and sample.py: KV-cache generation equals full forward passes and Hugging Face;
-sampling options; loading checkpoints and Hugging Face directories."""
+"""sample.py and decoding on one device (decode.py on the mesh (1, 1, 1)): KV-cache generation equals
+full forward passes and Hugging Face; stop tokens, the context, sampling options; loading
+checkpoints and Hugging Face directories."""
 import dataclasses
 import io
 import json
@@ -14,10 +15,12 @@ import pytest
 import sentencepiece as spm
 
 import chat
-import generate
+import decode
 import model
 import sample
-from formats import checkpoint, hf
+import sharding
+from formats import checkpoint, hf, weights
+from test_serving import greedy_without_cache
 
 # small GQA model (2 query heads per kv head); output scaled so greedy never sees near-ties
 CFG = model.Config(vocab_size=128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64,
@@ -31,18 +34,24 @@ def params():
     return {**p, "output": p["output"] * 30}
 
 
-def greedy_without_cache(params, tokens, n):
-    """A full forward pass per new token (over the context padded to max_seq_len: one compile)."""
-    forward = jax.jit(model.forward, static_argnums=2)
-    tokens = list(tokens)
-    for _ in range(n):
-        padded = jnp.asarray([tokens + [0] * (CFG.max_seq_len - len(tokens))])
-        tokens.append(int(jnp.argmax(forward(params, padded, CFG)[0, len(tokens) - 1])))
-    return tokens[-n:]
+def one_device():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def load(path):
+    """(params in training's layout on one device, model config, tokenizer) of a checkpoint or a
+    Hugging Face directory."""
+    return weights.load(path, lambda cfg: sharding.param_structs(cfg, one_device()))
+
+
+def generate(params, prompt, n, cfg=CFG, **options):
+    """One prompt through decode.py on one device."""
+    mesh = one_device()
+    return decode.generate(decode.reshard(params, cfg, mesh), cfg, mesh, [prompt], n, **options)[0]
 
 
 def test_cached_greedy_equals_full_forward_each_step(params):
-    out = generate.generate(params, CFG, PROMPT, 24)
+    out = generate(params, PROMPT, 24)
     assert out == greedy_without_cache(params, PROMPT, 24)
     assert len(set(out)) > 3  # not a degenerate constant sequence
 
@@ -55,27 +64,27 @@ def test_greedy_equals_transformers_generate(params, tmp_path):
     theirs.generation_config.eos_token_id = None  # generate exactly max_new_tokens, as ours without stop tokens
     with torch.no_grad():
         ref = theirs.generate(torch.tensor([PROMPT]), max_new_tokens=16, do_sample=False, pad_token_id=0)
-    assert generate.generate(params, CFG, PROMPT, 16) == ref[0, len(PROMPT):].tolist()
+    assert generate(params, PROMPT, 16) == ref[0, len(PROMPT):].tolist()
 
 
 def test_stop_tokens_context_and_vocab_limit(params):
-    greedy = generate.generate(params, CFG, PROMPT, 10)
-    assert generate.generate(params, CFG, PROMPT, 10, stop_tokens=(greedy[3],)) == greedy[:greedy.index(greedy[3]) + 1]
-    assert len(generate.generate(params, CFG, PROMPT, 1000)) == CFG.max_seq_len - len(PROMPT)  # stops at the context
-    assert max(generate.generate(params, CFG, PROMPT, 10, vocab_size=min(greedy))) < min(greedy)
-    with pytest.raises(ValueError, match="prompt has 64 tokens.*context of 64"):
-        generate.generate(params, CFG, [1] * 64, 5)
+    greedy = generate(params, PROMPT, 10)
+    assert generate(params, PROMPT, 10, stop_tokens=(greedy[3],)) == greedy[:greedy.index(greedy[3]) + 1]
+    assert len(generate(params, PROMPT, 1000)) == CFG.max_seq_len - len(PROMPT)  # stops at the context
+    assert max(generate(params, PROMPT, 10, vocab_size=min(greedy))) < min(greedy)
+    with pytest.raises(ValueError, match="prompts of \\[64\\] tokens.*context of 64"):
+        generate(params, [1] * 64, 5)
 
 
 def test_sampling_options(params):
-    greedy = generate.generate(params, CFG, PROMPT, 8)
-    assert generate.generate(params, CFG, PROMPT, 8, temperature=1.0, top_k=1, seed=3) == greedy
-    assert generate.generate(params, CFG, PROMPT, 8, temperature=1.0, top_p=1e-6, seed=3) == greedy
-    draws = [generate.generate(params, CFG, PROMPT, 8, temperature=2.0, seed=s) for s in (1, 1, 2)]
+    greedy = generate(params, PROMPT, 8)
+    assert generate(params, PROMPT, 8, temperature=1.0, top_k=1, seed=3) == greedy
+    assert generate(params, PROMPT, 8, temperature=1.0, top_p=1e-6, seed=3) == greedy
+    draws = [generate(params, PROMPT, 8, temperature=2.0, seed=s) for s in (1, 1, 2)]
     assert draws[0] == draws[1] and draws[0] != draws[2]
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 2000)
-    counts = lambda **kw: np.bincount(np.asarray(jax.vmap(lambda k: generate.sample_logits(logits, k, 1.0, kw['top_k'], kw['top_p'])[0])(keys)),
+    counts = lambda **kw: np.bincount(np.asarray(jax.vmap(lambda k: decode.sample_logits(logits, k, 1.0, kw['top_k'], kw['top_p'])[0])(keys)),
                                       minlength=4)
     assert counts(top_k=2, top_p=1.0)[2:].sum() == 0 and counts(top_k=3, top_p=1.0)[2] > 0
     assert counts(top_k=0, top_p=0.75)[2:].sum() == 0 and counts(top_k=0, top_p=0.85)[2] > 0  # 0.5 + 0.3 reaches 0.8
@@ -89,12 +98,12 @@ def test_load_hf_directory_with_added_tokens(params, tmp_path):
     hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
     (tmp_path / "tokenizer.model").write_bytes(buf.getvalue())
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_end|>": 124, "<|im_start|>": 123}))
-    p, cfg, tok = sample.load(str(tmp_path))
+    p, cfg, tok = load(str(tmp_path))
     assert cfg == dataclasses.replace(CFG, dtype="bfloat16") and tok.added == {"<|im_start|>": 123, "<|im_end|>": 124}
     assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
     (tmp_path / "added_tokens.json").write_text(json.dumps({"<|im_start|>": 125}))
     with pytest.raises(ValueError, match="without gaps"):
-        sample.load(str(tmp_path))
+        load(str(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +127,7 @@ def test_a_moved_checkpoint_samples_with_its_own_tokenizer(params, spm_model, tm
     checkpoint.save(str(tmp_path / "run"), 3, {"params": params}, {}, {"model": dataclasses.asdict(CFG)}, 1, tok)
     original.unlink()
     shutil.move(tmp_path / "run", tmp_path / "moved")
-    p, cfg, loaded = sample.load(str(tmp_path / "moved"))
+    p, cfg, loaded = load(str(tmp_path / "moved"))
     assert cfg == CFG and loaded.added == tok.added and loaded.vocab_size == 105
     assert loaded.encode("<|im_start|>word3 text") == tok.encode("<|im_start|>word3 text")
     assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(params)))
@@ -127,7 +136,7 @@ def test_a_moved_checkpoint_samples_with_its_own_tokenizer(params, spm_model, tm
 @pytest.mark.parametrize("option, value", [("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5)])
 def test_sampling_options_that_cannot_be_right_are_refused(params, option, value, capsys):
     with pytest.raises(ValueError, match=f"{option}="):
-        generate.generate(params, CFG, PROMPT, 4, **{option: value})
+        decode.check_options(**{"temperature": 0.0, "top_k": 0, "top_p": 1.0, option: value})
     with pytest.raises(SystemExit):  # before anything is loaded: the path does not even exist
         sample.main(["/nonexistent", "--prompt", "x", f"--{option}={value}"])
     assert f"{option}=" in capsys.readouterr().err

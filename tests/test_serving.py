@@ -1,14 +1,16 @@
-"""decode.py: batched generation on a mesh equals the single-device path (generate.py) and
-transformers' generate, for prompts of different lengths, on meshes that split the kv heads,
-replicate them over groups of chips, and split the rows; stop tokens per row; the layout's checks."""
+"""decode.py, the one decode path: batched generation with a KV cache equals greedy decoding by full
+forward passes (model.forward, no cache) and transformers' generate, for prompts of different
+lengths, on one device and on meshes that split the kv heads, replicate them over groups of chips,
+and split the rows; stop tokens per row; sampling; the layout's checks."""
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
 
+import jax.numpy as jnp
+
 import decode
-import generate
 import model
 import sharding
 from formats import hf
@@ -26,16 +28,25 @@ def params():
     return {**p, "output": p["output"] * 30}
 
 
+def greedy_without_cache(params, tokens, n, cfg=CFG):
+    """A full forward pass per new token (over the context padded to max_seq_len: one compile)."""
+    forward = jax.jit(model.forward, static_argnums=2)
+    tokens = list(tokens)
+    for _ in range(n):
+        padded = jnp.asarray([tokens + [0] * (cfg.max_seq_len - len(tokens))])
+        tokens.append(int(jnp.argmax(forward(params, padded, cfg)[0, len(tokens) - 1])))
+    return tokens[-n:]
+
+
 @pytest.fixture(scope="module")
 def one_device(params):
-    """Each prompt alone through generate.generate: the reference of every mesh."""
-    return [generate.generate(params, CFG, p, NEW) for p in PROMPTS]
+    """Each prompt alone, greedy by full forward passes: the reference of every mesh."""
+    return [greedy_without_cache(params, p, NEW) for p in PROMPTS]
 
 
 def on_mesh(params, shape):
     mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
-    structs = decode.param_structs(CFG, mesh)
-    return jax.tree.map(lambda x, s: jax.device_put(x.astype(s.dtype), s.sharding), params, structs), mesh
+    return decode.reshard(params, CFG, mesh), mesh
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 2), (1, 1, 4), (2, 1, 2), (1, 2, 4)],

@@ -14,12 +14,14 @@ import pytest
 import sentencepiece as spm
 
 import chat
+import config
 import data
-import generate
+import decode
 import model
-import sample
+import sharding
 import sft
 from formats import checkpoint, readers
+from formats.weights import for_serving
 
 WORDS = "the a function returns list of values when called with python code reads file writes data".split()
 
@@ -105,14 +107,14 @@ def test_bad_records_skipped_and_counted_or_raised(tok, tmp_path, caplog):
     path.write_text("\n".join(lines) + "\n")
     counts, skips = collections.Counter(), readers.Skips("skip")
     with caplog.at_level(logging.WARNING, logger="data"):
-        ds = chat.Dataset(readers.Source("m", (str(path),), 1.0, eval_fraction=0.0), tok, 256, skips, counts)
+        ds = chat.Dataset(config.Source("m", (str(path),), 1.0, eval_fraction=0.0), tok, 256, skips, counts)
     assert len(ds.train) == 1 and counts["examples"] == 1
     reasons = [r for _, r in BAD] + ["malformed JSON"]
     for i, reason in enumerate(reasons, 1):
         assert sum(v for k, v in skips.counts.items() if reason in k) == reasons.count(reason)
         assert f"{path}:{i}: " in caplog.text
     with pytest.raises(readers.BadRecord, match=f"{path}:1: no known format"):
-        chat.Dataset(readers.Source("m", (str(path),), 1.0), tok, 256, readers.Skips("raise"), collections.Counter())
+        chat.Dataset(config.Source("m", (str(path),), 1.0), tok, 256, readers.Skips("raise"), collections.Counter())
 
 
 def test_long_conversations_truncated_or_dropped(tok, tmp_path):
@@ -121,7 +123,7 @@ def test_long_conversations_truncated_or_dropped(tok, tmp_path):
     path.write_text(json.dumps([{"instruction": "write code", "input": "", "output": long_question},  # truncated reply
                                 {"instruction": long_question, "input": "", "output": "ok"}]))  # no reply fits
     counts = collections.Counter()
-    ds = chat.Dataset(readers.Source("l", (str(path),), 1.0, eval_fraction=0.0), tok, 40, readers.Skips("skip"), counts)
+    ds = chat.Dataset(config.Source("l", (str(path),), 1.0, eval_fraction=0.0), tok, 40, readers.Skips("skip"), counts)
     assert counts["truncated to seq_len"] == 1 and counts["dropped: too long, no trainable token within seq_len"] == 1
     assert len(ds.train) == 1 and len(ds.train[0][0]) == 40 and ds.train[0][1].any()
 
@@ -130,7 +132,7 @@ def unique_examples(tmp_path, n, name="u"):
     path = tmp_path / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"q {i}", "input": "", "output": f"{name} {i}"}) + "\n"
                             for i in range(n)))
-    return readers.Source(name, (str(path),), 1.0, eval_fraction=0.0)
+    return config.Source(name, (str(path),), 1.0, eval_fraction=0.0)
 
 
 def seen(tok, batch):
@@ -223,7 +225,7 @@ def test_resize_vocab_keeps_old_rows_and_starts_new_ones_at_the_mean():
 
 
 def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkeypatch):
-    """sft.run through train.train: base checkpoint -> grown vocab -> 2 epochs -> sample.load chats."""
+    """sft.run through train.train: base checkpoint -> grown vocab -> 2 epochs -> it chats (decode.py)."""
     base_cfg = model.Config(vocab_size=tok.sp.get_piece_size(), dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                             ffn_dim=64, max_seq_len=64, dtype="float32")
     monkeypatch.setitem(model.PRESETS, "mini", base_cfg)
@@ -239,9 +241,11 @@ def test_short_run_from_a_checkpoint_then_sample(tok, tok_path, tmp_path, monkey
     assert int(state["step"]) == steps and steps == -(-len(sft.prepare(tcfg)[4]) // 8)
     grown = state["params"]
     assert grown["embed"].shape[0] == chat.padded_vocab(tok) == grown["output"].shape[1]
-    p, cfg, chat_tok = sample.load(tcfg.out_dir)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    p, cfg, chat_tok = for_serving(tcfg.out_dir, mesh)
     assert cfg.vocab_size == chat.padded_vocab(tok) and chat_tok.added == tok.added
-    out = generate.generate(p, cfg, chat.encode_prompt([("user", "q 1")], chat_tok), 5, vocab_size=chat_tok.vocab_size)
+    out = decode.generate(p, cfg, mesh, [chat.encode_prompt([("user", "q 1")], chat_tok)], 5,
+                          vocab_size=chat_tok.vocab_size)[0]
     assert len(out) == 5 and max(out) < chat_tok.vocab_size
 
 
@@ -258,7 +262,7 @@ def test_chat_records_from_any_format_with_the_shared_held_out_rule(tok, tmp_pat
         path.write_text(json.dumps(rows))
     else:
         path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
-    ds = chat.Dataset(readers.Source("f", (str(path),), 1.0, eval_fraction=0.3), tok, 256, readers.Skips("raise"),
+    ds = chat.Dataset(config.Source("f", (str(path),), 1.0, eval_fraction=0.3), tok, 256, readers.Skips("raise"),
                       collections.Counter())
     held = [i for i in range(40) if readers.held_out(str(path), i, 0.3)]
     assert 0 < len(held) < 40 and len(ds.train) == 40 - len(held)
@@ -272,10 +276,10 @@ def test_a_truncated_json_file_is_named(tok, tmp_path):
     path = tmp_path / "cut.json"
     path.write_text(json.dumps([{"instruction": "q", "input": "", "output": "a"}] * 3)[:-20])
     skips = readers.Skips("skip")
-    ds = chat.Dataset(readers.Source("c", (str(path),), 1.0), tok, 256, skips, collections.Counter())
+    ds = chat.Dataset(config.Source("c", (str(path),), 1.0), tok, 256, skips, collections.Counter())
     assert ds.train == [] and [r for r in skips.counts if r.startswith("unreadable from here on (JSONDecodeError")]
     with pytest.raises(readers.BadRecord, match=f"{path}:1: unreadable from here on"):
-        chat.Dataset(readers.Source("c", (str(path),), 1.0), tok, 256, readers.Skips("raise"), collections.Counter())
+        chat.Dataset(config.Source("c", (str(path),), 1.0), tok, 256, readers.Skips("raise"), collections.Counter())
 
 
 def test_an_export_formats_chats_exactly_as_we_trained(tok, tmp_path):

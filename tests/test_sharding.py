@@ -14,6 +14,8 @@ import numpy as np
 import optax
 import pytest
 
+import config
+import decode
 import model
 import sharding
 
@@ -147,8 +149,11 @@ def test_every_param_needs_a_spec(monkeypatch):
 
 
 def test_mesh_must_match_device_count():
-    with pytest.raises(ValueError, match=r"\(2, 2, 3\) needs 12 devices, but there are 8"):
-        sharding.make_mesh(2, 2, 3)
+    with pytest.raises(ValueError, match=r"needs 12 devices, this run has 8"):
+        config.check_mesh((2, 2, 3), 8)
+    with pytest.raises(ValueError, match=r"--mesh=1,x,2: must be three positive sizes"):
+        config.parse_mesh("1,x,2", 8)
+    assert config.parse_mesh("1,1,2", 8, all_devices=False) == (1, 1, 2)
 
 
 @pytest.mark.parametrize("field, value, mesh, rows, message", [
@@ -166,10 +171,8 @@ def test_indivisible_sizes_are_named(field, value, mesh, rows, message):
 
 
 def test_sequence_must_divide_by_tensor():
-    mesh = sharding.make_mesh(1, 1, 8)
-    params = sharding.shard_params(model.init_params(MHA, jax.random.key(0)), MHA, mesh)
     with pytest.raises(ValueError, match="seq_len=12 .* tensor"):
-        sharding.loss_sum(params, {"tokens": jnp.zeros((8, 13), jnp.int32)}, MHA, mesh)
+        sharding.check_divisible(MHA, sharding.make_mesh(1, 1, 8).shape, 8, seq_len=12)
 
 
 def free_port():
@@ -214,10 +217,11 @@ def test_two_processes_match_one(tmp_path):
     assert reader.data_states() == [{"process": 0}, {"process": 1}]
     for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(params)):  # init jitted there, not here:
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)  # equal up to an ulp
-    import generate
     with open(str(out) + ".gen.json") as f:  # decoded and scored across the two processes
         served = json.load(f)
-    assert served["generated"] == [generate.generate(for_generation(restored["params"]), GQA, p, 6) for p in GEN_PROMPTS]
+    one = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    assert served["generated"] == decode.generate(decode.reshard(for_generation(restored["params"]), GQA, one), GQA,
+                                                  one, GEN_PROMPTS, 6)
     rows = batch_for(GQA)["tokens"][:4]
     logits = model.forward(restored["params"], jnp.asarray(rows[:, :-1]), GQA)
     expected = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits, -1)), rows[:, 1:, None], -1)[..., 0]
