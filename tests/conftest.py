@@ -13,6 +13,10 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# A hang guard, in seconds, for a subprocess a test waits on: wide enough for a machine 10x slower
+# than the 2 idle cores the suite is timed on. No verdict depends on wall-clock speed: limits that
+# decide a test are CPU-time or memory limits (the sandbox's) or counts of steps.
+HANG = 900
 
 # train.py runs started by the tests compile the same few programs again and again: with a cache
 # shared by those processes, each is compiled once per test run

@@ -10,7 +10,7 @@ import textwrap
 import time
 
 import sentencepiece as spm
-from conftest import ROOT, subprocess_env
+from conftest import HANG, ROOT, subprocess_env
 
 import model
 
@@ -107,7 +107,7 @@ def start(cfg_path, devices=4, *args, code=None, env=None):
                             stderr=subprocess.STDOUT, text=True)
 
 
-def run(cfg_path, devices=4, *args, code=None, timeout=300, env=None):
+def run(cfg_path, devices=4, *args, code=None, timeout=HANG, env=None):
     proc = start(cfg_path, devices, *args, code=code, env=env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
@@ -124,7 +124,7 @@ def losses(out_dir):
     return result
 
 
-def wait_for_step(out_dir, step, proc, timeout=240):
+def wait_for_step(out_dir, step, proc, timeout=HANG):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:

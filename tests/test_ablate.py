@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import HANG, ROOT, subprocess_env
 from runs import write_config
 
 import config
@@ -57,7 +57,7 @@ def test_a_source_of_weight_0_is_evaluated_but_never_trained_on(corpus):
 def sweep(cfg, sweep_dir, *extra):
     return subprocess.run([sys.executable, "-m", "tools.ablate", cfg, "--set", "sources.code.weight=0,10", "--set", "seed=0,1",
                            "--sweep_dir", str(sweep_dir), "--last_evals=2", *extra], cwd=ROOT, env=subprocess_env(4),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=2 * HANG)
 
 
 def test_a_sweep_runs_each_point_once_and_tabulates_them(corpus, tmp_path):
@@ -99,7 +99,7 @@ def test_a_sweep_runs_each_point_once_and_tabulates_them(corpus, tmp_path):
 
     # bench/tradeoff.py reads the table (the demo sweep's trade-off check; a smoke run here)
     report = subprocess.run([sys.executable, "bench/tradeoff.py", str(tmp_path / "sweep")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=HANG)
     result = json.loads(report.stdout.splitlines()[-1])
     assert result["points"] == [0.0, 10.0] and result["code"]["change"] < 0 and result["code"]["rho"] == -1.0
 

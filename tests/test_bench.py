@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import subprocess_env
+from conftest import HANG, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_bench(*args, timeout=120):
+def run_bench(*args, timeout=HANG):
     # not conftest's 8 forced devices; test_aot.py's libtpu in this process holds its lockfile
     env = subprocess_env(ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     out = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
@@ -61,7 +61,7 @@ def test_gpu_script_smoke(tmp_path):
     torch.compile's (minutes on a CPU) runs, passes, and lands in gpu.json, gpu.md and the trace summary."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    result = run_bench("bench/gpu.py", "--smoke", f"--out={tmp_path}", timeout=300)
+    result = run_bench("bench/gpu.py", "--smoke", f"--out={tmp_path}", timeout=3 * HANG)
     saved = json.loads((tmp_path / "gpu.json").read_text())
     failed = {f"{name} {part}": value.get("error") for name, check in saved["checks"].items()
               for part, value in check.get("parts", {}).items() if not value.get("ok")}
@@ -79,7 +79,9 @@ def test_gpu_script_smoke(tmp_path):
     attention = saved["checks"]["attention"]["parts"]
     assert set(attention) == {f"{impl}-seq{T}" for impl in ("jnp", "sdpa") for T in (64, 128)}
     summary = (tmp_path / "trace_top.txt").read_text()
-    assert "top kernels by time" in summary and "dot" in summary, summary
+    # which ops rank first depends on the machine and its load: the summary's shape is checked here,
+    # its classification of kernels on a synthetic trace below
+    assert "top kernels by time" in summary and "top HLO ops by time" in summary and "by kind of work" in summary, summary
     table = (tmp_path / "gpu.md").read_text()
     assert "step/hf-eager" in table and "x HF eager" in table and "compile | skipped" in table, table
 

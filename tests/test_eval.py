@@ -198,7 +198,9 @@ def test_the_harness_adapter_answers_like_the_harness_hf_backend(harness):
                 x, y = x[0], y[0]
                 if isinstance(y, str):
                     assert x == y, task
+                # a loglikelihood is a sum over its tokens (a rolling one over ~1,000): fp32 rounding
+                # grows with its size and differs between CPUs, so the tolerance is relative to it
                 elif isinstance(y, (tuple, list)):  # (loglikelihood, is_greedy)
-                    assert x[0] == pytest.approx(y[0], abs=1e-4) and x[1] == y[1], task
+                    assert x[0] == pytest.approx(y[0], rel=1e-5, abs=1e-4) and x[1] == y[1], task
                 else:  # a rolling loglikelihood
-                    assert x == pytest.approx(y, abs=1e-4), task
+                    assert x == pytest.approx(y, rel=1e-5, abs=1e-4), task

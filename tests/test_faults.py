@@ -12,7 +12,7 @@ import socket
 import jax
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import HANG, subprocess_env
 from runs import FAULT, MICRO, SLOW_FEED, run, start, wait_for_step, write_config
 
 import config
@@ -77,7 +77,7 @@ def test_sigterm_on_one_host_of_two_stops_both_at_one_step(corpus, tmp_path):
     try:
         wait_for_step(out_dir, 3, procs[0])
         procs[1].send_signal(signal.SIGTERM)
-        logs = [p.communicate(timeout=180)[0] for p in procs]
+        logs = [p.communicate(timeout=HANG)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()

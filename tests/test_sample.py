@@ -145,12 +145,12 @@ def test_sampling_options_that_cannot_be_right_are_refused(params, option, value
 def test_quiet_on_a_machine_without_tpu_chips(params, spm_model, tmp_path):
     """With jax[tpu] installed (the test requirements bring libtpu) and no TPU chips attached, a
     command must not start libtpu, which prints errors while it looks for chips."""
-    from conftest import ROOT, subprocess_env
+    from conftest import HANG, ROOT, subprocess_env
     hf.save_hf(params, CFG, str(tmp_path), dtype="float32")
     shutil.copyfile(spm_model, tmp_path / "tokenizer.model")
     env = {k: v for k, v in subprocess_env().items() if k != "JAX_PLATFORMS"}
     out = subprocess.run([sys.executable, "sample.py", str(tmp_path), "--prompt", "word1", "--max_new_tokens", "3"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=HANG)
     assert out.returncode == 0 and out.stdout.startswith("word1"), out.stderr[-2000:]
     assert "TPU" not in out.stderr and "libtpu" not in out.stderr, out.stderr[-2000:]
 

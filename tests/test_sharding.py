@@ -18,6 +18,7 @@ import config
 import decode
 import model
 import sharding
+from conftest import HANG
 
 # 8 heads on 8 kv heads so every head count divides a tensor axis of 8; and grouped-query (8 on 2)
 MHA = model.Config(vocab_size=64, dim=32, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=48,
@@ -193,7 +194,7 @@ def test_two_processes_match_one(tmp_path):
         procs.append(subprocess.Popen([sys.executable, worker, str(out), str(tmp_path / "ckpt")], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
+        logs = [p.communicate(timeout=HANG)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from runs import MICRO, SLOW_FEED, losses, run, start, wait_for_step, write_config
+from runs import HANG, MICRO, SLOW_FEED, losses, run, start, wait_for_step, write_config
 
 import config
 import model
@@ -182,7 +182,7 @@ def test_sigterm_saves_and_exits_zero(corpus, tmp_path):
     proc = start(cfg, code=SLOW_FEED)
     wait_for_step(out_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=HANG)
     assert proc.returncode == 0, out
     from formats import checkpoint
     saved = checkpoint.committed(str(out_dir))
