@@ -34,7 +34,7 @@ SUBSETS = {"gsm8k": ("reasoning", "number"), "hotpotqa": ("reasoning", "number")
 CODE_TIMEOUT = 10.0  # MINT's check_correctness limit, wall clock
 WIKIPEDIA_DESCRIPTION = ("[1] wikipedia_search(query: str) -> str\nThe Wikipedia Search tool provides access to a "
                          "vast collection of articles covering a wide range of topics.\nCan query specific keywords "
-                         "or topics to retrieve accurate and comprehensive information.\n")
+                         "or topics to retrieve accurate and comprehensive information.\n\n")  # sic: two
 TOOLS_HEADER = "Tool function available (already imported in <execute> environment):\n"
 THEOREMQA_PREFIX = "Answer the following question with a number, a list of numbers or True or False. "
 
