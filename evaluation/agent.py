@@ -1,6 +1,7 @@
 """Lemur as an agent, through MINT's environment: replay MINT's recorded runs through ours.
 
-    python -m evaluation.agent --replay DIR/data/outputs/lemur-70b-chat-v1/F=None/max5_p2+tool+cd/code_generation/humaneval/results.jsonl
+    python -m evaluation.agent --replay \
+        MINT_DIR/data/outputs/lemur-70b-chat-v1/F=None/max5_p2+tool+cd/code_generation/humaneval/results.jsonl
     python -m evaluation.agent --replay $(find ../shared/data/mint/data/outputs -name results.jsonl)
 
 Replay is conformance: each recorded trajectory's assistant messages go through our environment
