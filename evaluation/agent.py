@@ -121,6 +121,8 @@ def replay(record: dict, task: mint_tasks.Task, max_steps: int, max_propose: int
     if episode.terminate_reason != state["terminate_reason"]:
         out["disagreements"].append({"turn": None, "reason": f"terminate_reason: ours {episode.terminate_reason}, "
                                                              f"recorded {state['terminate_reason']}"})
+    if [m for m in episode.history if m["role"] == "assistant"] != [m for m in history if m["role"] == "assistant"]:
+        out["disagreements"].append({"turn": None, "reason": "the assistant messages in the history differ"})
     if episode.counts != state["agent_action_count"]:
         out["disagreements"].append({"turn": None, "reason": f"action counts: ours {episode.counts}, "
                                                              f"recorded {state['agent_action_count']}"})

@@ -129,6 +129,11 @@ def test_success_rules():
     assert mmlu.options == {"a": "4", "b": "7", "c": "9", "d": "10"}
     assert mint_tasks.check(mmlu, "B").success and mint_tasks.check(mmlu, "7").success
     assert not mint_tasks.check(mmlu, "C").success and not mint_tasks.check(mmlu, "a) 4").success
+    # MINT drops the options inside the right one from a list it is iterating: "2" after "1" survives,
+    # and then rules out the right answer "12"
+    skipped = mint_tasks.make_task("mmlu", {"id": 9, "prompt": "Pick.\nOptions: A ) 1 , B ) 2 , C ) 12 , D ) 7",
+                                            "reference": "c"}, "", "")
+    assert not mint_tasks.check(skipped, "12").success and mint_tasks.check(skipped, "C").success
     assert mint_tasks.check(theoremqa, "3.13").success and not mint_tasks.check(theoremqa, "3.5").success
     assert mint_tasks.check(theoremqa, "x = 3.14 radians").success  # MINT's rewriting: after "=", units dropped
     assert mint_tasks.check(theoremqa, "np.pi").success  # not a literal: evaluated in the sandbox
