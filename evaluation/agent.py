@@ -6,7 +6,7 @@
 
 Replay is conformance: each recorded trajectory's assistant messages go through our environment
 (evaluation/mint_env.py) and, turn by turn, our observation is compared with the one MINT recorded
-(after `normalise`: timings, memory addresses, file paths, the time-limit handler's frame), then our
+(after `normalise`: where Python files lie, memory addresses, where a time limit landed), then our
 `success`, `terminate_reason` and action counts with MINT's. Turns whose cell called the network tool
 (wikipedia_search, answered here by a stub) and episodes that ended in an error of the model's server
 take MINT's recorded observation or outcome and are counted apart. The task set, the budget and the
@@ -40,7 +40,6 @@ NORMALISE = [
     (re.compile(r"\b0x[0-9a-fA-F]{6,}\b"), "0x<address>"),  # object reprs
     # where Python files lie (python_file)
     (re.compile(r"/[\w.~+-]+(?:/[\w.~+-]+)*\.py\b"), lambda m: python_file(m.group(0))),
-    (re.compile(r"\d+(?:\.\d+)? ?(?:ns|µs|us|ms|s) ± [^\n]*"), "<timing>"),  # %timeit
 ]
 
 
