@@ -104,6 +104,26 @@ def test_the_network_tool_runs_outside_the_sandbox_and_code_tasks_do_not_get_it(
     code.close()
 
 
+def test_the_default_wikipedia_search_formats_as_mints_wrapper(monkeypatch):
+    """Against canned API answers (the suite has no network): the top 2 results, a disambiguation page
+    skipped, "Page: T\nSummary: S" joined by blank lines, 1000 characters."""
+    import io
+    import urllib.parse
+
+    def answer(request, timeout):
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.full_url).query))
+        if query.get("list") == "search":
+            body = {"query": {"search": [{"title": "Lemur"}, {"title": "Lemur (disambiguation)"}, {"title": "Ape"}]}}
+        else:
+            props = {"disambiguation": ""} if "disambiguation" in query["titles"] else {}
+            body = {"query": {"pages": {"1": {"title": query["titles"], "extract": "x" * 600, "pageprops": props}}}}
+        return io.BytesIO(json.dumps(body).encode())
+
+    monkeypatch.setattr(mint_env.urllib.request, "urlopen", answer)
+    assert mint_env.wikipedia_search("lemur") == ("Page: Lemur\nSummary: " + "x" * 600)[:1000]
+    assert mint_env.wikipedia_search("lemur", chars=10_000).count("Page: ") == 1  # the 3rd result is not read
+
+
 def test_escapes_fail_in_cells_and_in_checkers(tmp_path):
     outside = str(tmp_path)
     episode = mint_env.Episode(task("gsm8k"))
