@@ -3,4 +3,9 @@
     harness.py     lm-evaluation-harness tasks (MMLU, GSM8K, BBH, ...) and HumanEval generation;
                    the command `python -m evaluation.harness`
     humaneval.py   HumanEval's prompts, completion cutting, scoring by execution, pass@k
+    sandbox.py     the one module that runs model-written code (programs, and persistent shells)
+    mint_tasks.py  MINT's tasks: loading, the first message, each subset's success rule
+    mint_env.py    MINT's environment as a step function: Episode(task, budget).step(text)
+    agent.py       Lemur as an agent: `python -m evaluation.agent --replay` checks our environment
+                   against MINT's recorded runs (docs/agents.md)
 """

@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 LEVELS = ("bwrap", "landlock", "in-process")
 CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
@@ -195,15 +196,22 @@ class Shell:
     True (an error says to install it when it is missing) or None and IPython is installed;
     otherwise a plain interpreter shows the last expression's repr and tracebacks. `isolation` and
     `ipython` say what runs. A cell that ignores its interrupt (caught it, or is stuck in C code) is
-    killed `grace` seconds after its limit, and the shell restarts empty (its output says so)."""
+    killed `grace` seconds after its limit, and the shell restarts empty (its output says so).
+
+    For MINT's shell (evaluation/mint_env.py): `tools` ({name: function of JSON values}) are functions
+    in the shell's namespace that run here, outside the confinement (a web search), called with what
+    the cell passes and answering what they return (their time is not the cell's, they bound their
+    own); `stderr=False` keeps stderr out of the output (MINT shows stdout alone); `timeout_message`
+    is the interrupting TimeoutError's message."""
 
     def __init__(self, cell_timeout: float = 30.0, *, level: str | None = None, ipython: bool | None = None,
-                 memory_bytes: int = SHELL_MEMORY_BYTES, grace: float = 10.0):
+                 memory_bytes: int = SHELL_MEMORY_BYTES, grace: float = 10.0, tools: dict | None = None,
+                 stderr: bool = True, timeout_message: str | None = None):
         self.isolation = isolation(level)
-        self.cell_timeout, self.grace = cell_timeout, grace
+        self.cell_timeout, self.grace, self.tools, self.stderr = cell_timeout, grace, dict(tools or {}), stderr
         self._settings = {"mode": "shell", "cpu_seconds": SHELL_CPU_SECONDS, "memory_bytes": memory_bytes,
                           "file_bytes": FILE_BYTES, "open_files": OPEN_FILES, "cell_timeout": cell_timeout,
-                          "ipython": ipython}
+                          "ipython": ipython, "tools": sorted(self.tools), "timeout_message": timeout_message}
         self._proc = None
         self._start()
 
@@ -212,14 +220,16 @@ class Shell:
         work = os.path.join(self._scratch.name, "work")
         os.mkdir(work)
         self._out_path = os.path.join(self._scratch.name, "output")
+        err_path = os.path.join(self._scratch.name, "stderr")
         reply_r, reply_w = os.pipe()
-        with open(self._out_path, "ab") as out:  # appends: the parent empties it after each cell
-            self._proc = _start(self.isolation, work, self._settings, subprocess.PIPE, out, subprocess.STDOUT, reply_w)
+        with open(self._out_path, "ab") as out, open(err_path, "ab") as err:  # appends: emptied after each cell
+            self._proc = _start(self.isolation, work, self._settings, subprocess.PIPE, out,
+                                subprocess.STDOUT if self.stderr else err, reply_w)
         os.close(reply_w)
         self._reply, self._pending = reply_r, b""
         ready = self._answer(START_SECONDS)
         if ready is None:
-            output = self._take_output()
+            output = self._take_output() + _tail(err_path)
             self.close()
             raise RuntimeError(f"the shell did not start: {output.strip().splitlines()[-1:] or 'no output'}")
         self.ipython = ready["ipython"]
@@ -234,9 +244,11 @@ class Shell:
             self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
         try:
-            return json.loads(line)
+            answer = json.loads(line)
         except ValueError:
-            return {"timed_out": False}  # the cell wrote on the pipe itself: its own output is its own affair
+            answer = None
+        # a line that is not the child's: the cell wrote on the pipe itself, its output is its own affair
+        return answer if isinstance(answer, dict) else {"timed_out": False}
 
     def _take_output(self) -> str:
         with open(self._out_path, "rb+") as f:
@@ -255,7 +267,11 @@ class Shell:
             self._proc.stdin.flush()
         except BrokenPipeError:
             pass  # it died in the previous cell: the answer below is None
-        answer = self._answer(self.cell_timeout + self.grace)
+        deadline = time.monotonic() + self.cell_timeout + self.grace
+        while (answer := self._answer(max(0.0, deadline - time.monotonic()))) is not None and "tool" in answer:
+            started = time.monotonic()
+            self._answer_tool(answer)
+            deadline += time.monotonic() - started
         if answer is not None:
             return Cell(self._take_output(), bool(answer.get("timed_out")))
         died = self._proc.poll() is not None
@@ -265,6 +281,20 @@ class Shell:
         self._start()
         why = "the shell's process ended" if died else f"the cell ignored its interrupt for {self.grace:g} s"
         return Cell(output + f"\n[{why}; the shell was restarted and its state is lost]\n", not died)
+
+    def _answer_tool(self, request: dict):
+        """Run the tool a cell called and send back its result, or the error it raised, as JSON."""
+        try:
+            answer = {"result": self.tools[request["tool"]](*request.get("args", ()))}
+            json.dumps(answer)
+        except Exception as e:  # the cell's arguments are the model's: any error is the cell's to see
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        data = json.dumps(answer).encode()
+        try:
+            self._proc.stdin.write(b"%d\n" % len(data) + data)
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            pass
 
     def close(self):
         """End the shell's process and delete its directory."""

@@ -245,15 +245,19 @@ def run_shell(settings, reply_fd):
     confine(settings)
     stub_unaudited(signals=False)
     timed_out = []
+    message = settings.get("timeout_message") or f"the cell ran past its limit of {settings['cell_timeout']:g} s"
 
     def alarm(signum, frame):
         timed_out.append(True)
-        raise TimeoutError(f"the cell ran past its limit of {settings['cell_timeout']:g} s")
+        raise TimeoutError(message)
 
     signal.signal(signal.SIGALRM, alarm)
-    run_cell = start_interpreter(settings["ipython"], new_main())
-    os.write(reply_fd, (json.dumps({"ready": True, "ipython": run_cell.__name__ == "ipython_cell"}) + "\n").encode())
     stdin = sys.stdin.buffer
+    namespace = new_main()
+    for name in settings.get("tools", ()):
+        namespace[name] = tool_function(name, reply_fd, stdin)
+    run_cell = start_interpreter(settings["ipython"], namespace)
+    os.write(reply_fd, (json.dumps({"ready": True, "ipython": run_cell.__name__ == "ipython_cell"}) + "\n").encode())
     while header := stdin.readline():
         source = stdin.read(int(header)).decode()
         timed_out.clear()
@@ -267,6 +271,26 @@ def run_shell(settings, reply_fd):
         sys.stdout.flush()
         sys.stderr.flush()
         os.write(reply_fd, (json.dumps({"timed_out": bool(timed_out)}) + "\n").encode())
+
+
+def tool_function(name, reply_fd, stdin):
+    """A function the cells call that runs the parent's tool `name` outside the confinement: its
+    arguments go as a JSON line on the reply pipe, the parent's answer (JSON, framed like a cell) comes
+    back on stdin. The cell's alarm waits for the answer (SIGALRM blocked meanwhile), so an answer is
+    never left on stdin to be read as the next cell; the parent bounds the tool's own time."""
+    def tool(*args):
+        request = json.dumps({"tool": name, "args": args}) + "\n"  # a TypeError for arguments JSON cannot carry
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        try:
+            os.write(reply_fd, request.encode())
+            answer = json.loads(stdin.read(int(stdin.readline())))
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer["result"]
+    tool.__name__ = tool.__qualname__ = name
+    return tool
 
 
 def start_interpreter(ipython, namespace):

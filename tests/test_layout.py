@@ -76,8 +76,10 @@ LAYERS = [
                "formats.demo", "formats.weights", "formats.tracking"}),
     ("data", {"data", "chat"}),
     ("the loop", {"train"}),
-    ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval"}),
-    ("commands", {"sft", "sample", "evaluation.harness", "tools.aot", "tools.convert", "tools.plot", "tools.ablate"}),
+    ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval", "evaluation.mint_tasks",
+                    "evaluation.mint_env"}),
+    ("commands", {"sft", "sample", "evaluation.harness", "evaluation.agent", "tools.aot", "tools.convert", "tools.plot",
+                  "tools.ablate"}),
 ]
 
 
