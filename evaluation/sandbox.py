@@ -257,17 +257,18 @@ class Shell:
         text = data.decode(errors="replace")
         return text if len(text) <= OUTPUT_CHARS else text[:OUTPUT_CHARS] + "\n[output truncated]\n"
 
-    def run(self, code: str) -> Cell:
-        """Run one cell; its raw output and whether its limit interrupted it."""
+    def run(self, code: str, timeout: float | None = None) -> Cell:
+        """Run one cell (timeout: its limit instead of cell_timeout); its raw output and whether its
+        limit interrupted it."""
         if self._proc is None:
             raise RuntimeError("the shell is closed")
-        data = code.encode()
+        data, limit = code.encode(), timeout or self.cell_timeout
         try:
-            self._proc.stdin.write(b"%d\n" % len(data) + data)
+            self._proc.stdin.write(b"%d %r\n" % (len(data), float(limit)) + data)
             self._proc.stdin.flush()
         except BrokenPipeError:
             pass  # it died in the previous cell: the answer below is None
-        deadline = time.monotonic() + self.cell_timeout + self.grace
+        deadline = time.monotonic() + limit + self.grace
         while (answer := self._answer(max(0.0, deadline - time.monotonic()))) is not None and "tool" in answer:
             started = time.monotonic()
             self._answer_tool(answer)

@@ -239,17 +239,17 @@ def run_program(settings, reply_fd):
 
 
 def run_shell(settings, reply_fd):
-    """Mode "shell": cells as (length line, source) on stdin, each answered on the reply pipe with a
+    """Mode "shell": cells as (a "length limit" line, source) on stdin, each answered on the reply pipe with a
     JSON line {"timed_out"} once its output (stdout, stderr, the displayed value, the traceback) is
     flushed to this process's stdout. SIGALRM after the cell's limit raises TimeoutError inside it."""
     confine(settings)
     stub_unaudited(signals=False)
     timed_out = []
-    message = settings.get("timeout_message") or f"the cell ran past its limit of {settings['cell_timeout']:g} s"
+    limit = [settings["cell_timeout"]]
 
     def alarm(signum, frame):
         timed_out.append(True)
-        raise TimeoutError(message)
+        raise TimeoutError(settings.get("timeout_message") or f"the cell ran past its limit of {limit[0]:g} s")
 
     signal.signal(signal.SIGALRM, alarm)
     stdin = sys.stdin.buffer
@@ -258,10 +258,11 @@ def run_shell(settings, reply_fd):
         namespace[name] = tool_function(name, reply_fd, stdin)
     run_cell = start_interpreter(settings["ipython"], namespace)
     os.write(reply_fd, (json.dumps({"ready": True, "ipython": run_cell.__name__ == "ipython_cell"}) + "\n").encode())
-    while header := stdin.readline():
-        source = stdin.read(int(header)).decode()
+    while header := stdin.readline():  # "LENGTH LIMIT": the cell's bytes and its time limit
+        length, limit[0] = int(header.split()[0]), float(header.split()[1])
+        source = stdin.read(length).decode()
         timed_out.clear()
-        signal.setitimer(signal.ITIMER_REAL, settings["cell_timeout"])
+        signal.setitimer(signal.ITIMER_REAL, limit[0])
         try:
             run_cell(source)
         except TimeoutError:  # the alarm outside the cell's own code (IPython's bookkeeping)
