@@ -18,6 +18,7 @@ import pytest
 import sentencepiece as spm
 from conftest import subprocess_env
 
+import config
 import data
 from config import Source
 from data import Loader
@@ -258,8 +259,8 @@ def test_configuration_errors(tmp_path, tok_path):
         Source("s", good, 1.0)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         Tokenizer(str(tmp_path / "missing.model"))
-    with pytest.raises(ValueError, match="process_count"):
-        Loader([Source("s", (good,), 1.0)], tok, 16, 6, process_count=4)
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by 4 processes"):  # checked where it enters
+        config.validate(config.TrainConfig(batch_size=6), process_count=4)
 
 
 def test_optional_formats_name_the_missing_package(tmp_path, tok_path, monkeypatch):
