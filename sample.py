@@ -110,4 +110,5 @@ def input_or_none(prefix: str):
 
 
 if __name__ == "__main__":
-    main()
+    import config
+    config.command(main)

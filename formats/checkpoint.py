@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import config
 import model
 from formats import storage, tensorfile
 from formats.tokenizer import Tokenizer
@@ -340,25 +341,31 @@ def nonfinite_paths(tree) -> list[str]:
 
 
 def check_same_model(saved: model.Config, mcfg: model.Config, where: str):
-    """Refuse to continue from a model whose math differs: every field but the compute dtype, the
-    remat policy and the attention kernel (they change how, not what, is computed)."""
+    """Refuse to continue from a model whose math differs: every field but those config.RESUMABLE
+    allows (the compute dtype, the remat policy and the attention kernel: how, not what, is
+    computed)."""
     changed = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(mcfg, f.name)!r}" for f in dataclasses.fields(mcfg)
-               if f.name not in model.HOW and getattr(saved, f.name) != getattr(mcfg, f.name)]
+               if f"model.{f.name}" not in config.RESUMABLE and getattr(saved, f.name) != getattr(mcfg, f.name)]
     if changed:
         raise ValueError(f"{where} holds another model than the configured one ({', '.join(changed)}); "
                          "resume with the model it was trained with, or use another out_dir")
 
 
-def restore_newest(out_dir: str, structs, mcfg: model.Config):
+def restore_newest(out_dir: str, structs, mcfg: model.Config, cfg=None):
     """(state, reader, data states) of the newest checkpoint in out_dir that verifies, all None if
-    there is no checkpoint. Every process must agree that a checkpoint verifies before it is used."""
+    there is no checkpoint. Every process must agree that a checkpoint verifies before it is used.
+    cfg: the run's config, compared key by key with the checkpoint's (config.resume_changes) before
+    its arrays are read; without it only the model is compared."""
     failures = []
     for step in reversed(committed(out_dir)):
         path = step_dir(out_dir, step)
         state = reader = data_states = error = network = None
         try:
             reader = Reader(path)
-            check_same_model(reader.model_config(), mcfg, path)
+            if cfg is None:
+                check_same_model(reader.model_config(), mcfg, path)
+            else:
+                config.resume_changes(reader.meta.get("config", {}), reader.meta["model"], cfg, mcfg, path)
             state, _ = restore(reader, structs)
             data_states = reader.data_states()
             if bad := nonfinite_paths(state):
