@@ -320,27 +320,36 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     handle_stop_signals()
 
     pending, stop = None, False  # pending: (step, metrics) not yet logged
-    for step in (s + 1 for s in bar):  # `step` counts the updates done once this one is
-        batch = sharding.global_batch(next(loader), mesh, cfg.microbatches)
-        state, metrics = train_step(state, batch, stop_flags(mesh, _stop_requested))
-        if pending:
-            stop = log.step(*pending) or stop
-        pending = (step, metrics)
-        evaluating = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-        saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop
-        if evaluating or saving:  # this step's record first: a kill after the save must not lose it
-            stop = log.step(*pending) or stop
-            pending, saving = None, saving or stop
-        if evaluating:
-            if len(record := evaluate(eval_step, state["params"], loader, cfg, mesh, step)) > 1:
-                log.write(record)
-                bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {step})")
-        if saving:
-            save(cfg, mcfg, step, state, loader, log, history)
-        if stop:
-            if main_process:
-                print(f"stop requested: saved step {step} in {cfg.out_dir}, exiting")
-            break
+    saved = first if reader else None  # the newest step committed, for a stop on a storage failure
+    try:
+        for step in (s + 1 for s in bar):  # `step` counts the updates done once this one is
+            batch = sharding.global_batch(next(loader), mesh, cfg.microbatches)
+            state, metrics = train_step(state, batch, stop_flags(mesh, _stop_requested))
+            if pending:
+                stop = log.step(*pending) or stop
+            pending = (step, metrics)
+            evaluating = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+            saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop
+            if evaluating or saving:  # this step's record first: a kill after the save must not lose it
+                stop = log.step(*pending) or stop
+                pending, saving = None, saving or stop
+            if evaluating:
+                if len(record := evaluate(eval_step, state["params"], loader, cfg, mesh, step)) > 1:
+                    log.write(record)
+                    bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {step})")
+            if saving:
+                save(cfg, mcfg, step, state, loader, log, history)
+                saved = step
+            if stop:
+                if main_process:
+                    print(f"stop requested: saved step {step} in {cfg.out_dir}, exiting")
+                break
+    except OSError as e:  # storage out of reach after storage.py's retries, a full disk, ...
+        log.tracker.abandon()  # its files live there too: no more writes, at exit neither
+        where = (f"step {saved} is safely committed in {checkpoint.step_dir(cfg.out_dir, saved)}: run the same "
+                 "command again to resume from it" if saved is not None else
+                 f"no checkpoint was committed in {cfg.out_dir}: run the same command again to start over")
+        raise SystemExit(f"stopping in step {step}: {' '.join(str(e).split())}; {where}") from e
     if pending:
         log.step(*pending)
     if main_process:
