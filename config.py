@@ -236,7 +236,7 @@ def resume_changes(saved_config: dict, saved_model: dict, cfg, mcfg: model.Confi
     changed = {k: [saved[k], new[k]] for k in new if k in saved and saved[k] != new[k]}
     if "sources" in changed:  # another set of sources: their fields are not comparable one by one
         changed = {k: v for k, v in changed.items() if not k.startswith("sources.")}
-    refused = [f"{k}={new!r} (it has {old!r})" for k, (old, new) in changed.items() if k not in RESUMABLE]
+    refused = [f"{k}={new!r} (it was trained with {old!r})" for k, (old, new) in changed.items() if k not in RESUMABLE]
     if refused:
         raise ValueError(f"config: cannot resume {where} with {', '.join(refused)}: "
                          f"{'these keys' if len(refused) > 1 else 'this key'} cannot change mid-run "
