@@ -303,3 +303,45 @@ def test_a_slice_several_devices_hold_is_read_once(one_checkpoint, monkeypatch):
     assert len(reads) > len(jax.tree.leaves(expected)) and set(reads.values()) == {1}, reads  # tensor halves
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- one clear line
+
+def test_a_users_error_is_one_line_and_debug_shows_the_traceback(capsys):
+    """config.command, every command's __main__: a user's error (ValueError, OSError, ImportError)
+    is one `error:` line and exit status 1; --debug re-raises it; a bug keeps its traceback."""
+    def main(argv):
+        assert "--debug" not in argv
+        raise FileNotFoundError("tokenizer model 'x.model' does not exist\n(a second line)")
+    with pytest.raises(SystemExit) as stopped:
+        config.command(main, ["cfg.py"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "error: tokenizer model 'x.model' does not exist (a second line)\n"
+    with pytest.raises(FileNotFoundError):
+        config.command(main, ["cfg.py", "--debug"])
+
+    def buggy(argv):
+        raise TypeError("a bug")
+    with pytest.raises(TypeError):
+        config.command(buggy, [])
+
+
+def test_bad_data_is_named_before_anything_is_written(reference, corpus, tmp_path):
+    """A file that is not a sentencepiece model, a source that yields no records: each fails
+    naming its file, and out_dir is never created."""
+    (tmp_path / "bad.model").write_text("not a model")
+    (tmp_path / "empty.jsonl").write_text("")
+    out_dir = tmp_path / "out"
+    for override, message in ((f"--tokenizer={tmp_path / 'bad.model'}", "bad.model: not a sentencepiece model"),
+                              (f"--sources.code.paths={tmp_path / 'empty.jsonl'}", "found no training records in")):
+        with pytest.raises(ValueError, match=message):
+            train.train(reference_config(reference, out_dir, override))
+        assert not out_dir.exists()
+
+
+def test_a_refused_resume_from_the_command_line_is_one_line(reference, tmp_path):
+    out_dir = copy_run(reference, tmp_path)
+    rc, out = run(str(reference[0].parent / "cfg.py"), 4, f"--out_dir={out_dir}", "--seed=5")
+    assert rc == 1 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"error: config: cannot resume {checkpoint.step_dir(out_dir, 16)} "
+                                                   "with seed=5 (it was trained with 0)")

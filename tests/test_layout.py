@@ -77,7 +77,8 @@ LAYERS = [
     ("data", {"data", "chat"}),
     ("the loop", {"train"}),
     ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval"}),
-    ("commands", {"sft", "sample", "evaluation.harness", "tools.aot", "tools.convert", "tools.plot", "tools.ablate"}),
+    ("commands", {"sft", "sample", "evaluation.harness", "tools.aot", "tools.convert", "tools.plot", "tools.ablate",
+                  "tools.campaign"}),
 ]
 
 
