@@ -196,7 +196,7 @@ def check_model(mcfg: model.Config):
 # the update a step computes from a given state (mesh and microbatches only regroup the same sums),
 # so the run continues from its checkpoint exactly and only what lies ahead changes. Every other
 # key (seed, batch_size, seq_len, sources, tokenizer, the model's math, the optimizer's betas,
-# ...) is fixed for the life of a run: check_resume refuses a change of it before anything is
+# ...) is fixed for the life of a run: resume_changes refuses a change of it before anything is
 # written. docs/config.md has this table.
 RESUMABLE = {
     "out_dir": "where the run lives (a run moved to another disk or bucket)",
