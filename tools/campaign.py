@@ -108,9 +108,12 @@ def plan_kill(rng: random.Random, cfg, done: int, committed: int, i: int, kills:
     saves = sorted({s for s in range(done + 1, cfg.steps + 1) if s % cfg.checkpoint_every == 0} | {cfg.steps})
     save = 1 + sum(s < target for s in saves)  # the first save at or after the target step
     if i % 3 == 1:  # a third of the kills
-        return rng.choice(["shards", "commit"] + (["delete"] if committed >= cfg.keep_checkpoints else [])), save
-    event = rng.choice(["batch", "batch", "log", "saved"])
-    return event, {"batch": target - done, "log": max(1, (target - done) // cfg.log_every), "saved": save}[event]
+        event = rng.choice(["shards", "commit"] + (["delete"] if committed >= cfg.keep_checkpoints else []))
+    else:
+        event = rng.choice(["batch", "batch", "log", "saved"])
+    if event in ("saved", "delete") and save == len(saves):  # after the last commit: the run would be done
+        event = "commit"
+    return event, {"batch": target - done, "log": max(1, (target - done) // cfg.log_every)}.get(event, save)
 
 
 def _arrays(path: str) -> dict:
