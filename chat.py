@@ -224,6 +224,9 @@ class ChatLoader:
     def restore(self, state: dict):
         self.batch = state["batch"]
 
+    def ready(self):
+        pass  # every conversation was read and planned before: nothing can fail later
+
     def eval_batches(self, n_batches: int) -> dict:
         """{dataset: up to n_batches batches} of held-out conversations, in file order, packed."""
         out, B = {}, self.cfg.batch_size

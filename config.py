@@ -10,12 +10,16 @@ A config file is plain Python that defines `config`, e.g. configs/tiny.py:
 overrides. An override must name a field (an unknown key is an error that lists the valid ones)
 and parse as that field's type; nothing is coerced silently. `validate` is the one place where
 values are checked, before any data is read or anything compiled: every entry point calls it.
+`resume_changes` compares a resumed run's config with its checkpoint's, key by key (RESUMABLE:
+the keys that may change mid-run). `command` runs every command's main: a user's error ends in
+one line, `--debug` shows the traceback.
 """
 import dataclasses
 import importlib.util
 import json
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -229,6 +233,60 @@ def check_model(mcfg: model.Config):
         raise bad("attention", f"must be one of {', '.join(attention.IMPLEMENTATIONS)}")
 
 
+# ----------------------------------------------------------------------------- resuming a run
+# The keys a resumed run may change, and why each is safe: none of them changes the data order or
+# the update a step computes from a given state (mesh and microbatches only regroup the same sums),
+# so the run continues from its checkpoint exactly and only what lies ahead changes. Every other
+# key (seed, batch_size, seq_len, sources, tokenizer, the model's math, the optimizer's betas,
+# ...) is fixed for the life of a run: resume_changes refuses a change of it before anything is
+# written. docs/config.md has this table.
+RESUMABLE = {
+    "out_dir": "where the run lives (a run moved to another disk or bucket)",
+    "steps": "the schedule ahead", "warmup_steps": "the schedule ahead", "warmup_ratio": "the schedule ahead",
+    "lr": "the schedule ahead", "end_lr": "the schedule ahead",
+    "log_every": "a cadence", "eval_every": "a cadence", "eval_batches": "evaluation only",
+    "checkpoint_every": "a cadence", "keep_checkpoints": "a cadence",
+    "tensorboard": "a tracking sink", "wandb_project": "a tracking sink",
+    "sample_prompt": "end of run only", "max_nonfinite_steps": "a stopping rule",
+    "bad_records": "same records up to a bad one, which 'raise' stops at and 'skip' passes",
+    "mesh": "the same sums, laid out on other devices", "microbatches": "the same sums, in other chunks",
+    **{f"model.{key}": "how, not what, the model computes" for key in model.HOW},
+}
+
+
+def flat_settings(cfg_json: dict, model_json: dict) -> dict:
+    """{key: value} of a run's settings (its config and model as JSON), one entry per key as
+    overrides name them: `model.FIELD`, `sources.NAME.FIELD` (and `sources`: the source names)."""
+    out = {k: v for k, v in cfg_json.items() if k not in ("model", "sources")}
+    out.update({f"model.{k}": v for k, v in model_json.items()})
+    sources = cfg_json.get("sources", [])
+    if "sources" in cfg_json:
+        out["sources"] = [s.get("name") if isinstance(s, dict) else s for s in sources]
+    for s in sources:
+        if isinstance(s, dict):
+            out.update({f"sources.{s.get('name')}.{k}": v for k, v in s.items() if k != "name"})
+    return out
+
+
+def resume_changes(saved_config: dict, saved_model: dict, cfg, mcfg: model.Config, where: str) -> dict:
+    """{key: [the checkpoint's value, this run's]} of the settings a resume from checkpoint `where`
+    changes, each one in RESUMABLE; any other change is refused, in one line naming each key, both
+    values and what to do instead. A key only one side knows (a checkpoint of older code) is not
+    compared."""
+    saved = flat_settings(saved_config, saved_model)
+    new = flat_settings(json.loads(to_json(cfg)), json.loads(json.dumps(dataclasses.asdict(mcfg))))
+    changed = {k: [saved[k], new[k]] for k in new if k in saved and saved[k] != new[k]}
+    if "sources" in changed:  # another set of sources: their fields are not comparable one by one
+        changed = {k: v for k, v in changed.items() if not k.startswith("sources.")}
+    refused = [f"{k}={new!r} (it was trained with {old!r})" for k, (old, new) in changed.items() if k not in RESUMABLE]
+    if refused:
+        raise ValueError(f"config: cannot resume {where} with {', '.join(refused)}: "
+                         f"{'these keys' if len(refused) > 1 else 'this key'} cannot change mid-run "
+                         "(docs/config.md#resuming-a-run); resume with the checkpoint's value, or start a new run "
+                         f"from its params with --out_dir=NEW --init_from=ckpt:{where}")
+    return changed
+
+
 def _parse(value: str, typ, key: str):
     """Parse a command-line string as `typ`, or raise naming the key."""
     origin = typing.get_origin(typ)
@@ -313,3 +371,27 @@ def load(path: str, overrides: list[str] = ()):
 def to_json(cfg) -> str:
     """The resolved config as JSON (data sources written as their fields)."""
     return json.dumps(dataclasses.asdict(cfg), indent=2, default=str)
+
+
+# errors a user can cause: a bad value or file (ValueError, and what checks raise), a missing or
+# unreadable path, storage out of reach (OSError), a package not installed (ImportError)
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def command(main, argv: list[str] | None = None):
+    """Run a command's main(argv) as its `if __name__ == "__main__"` does. An error a user can
+    cause (USER_ERRORS) ends in one line `error: ...` on stderr and exit status 1; `--debug`
+    anywhere on the command line shows its traceback instead. Other exceptions are bugs and keep
+    their traceback; SystemExit (a usage line, a run that stops itself) passes through as it is."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--debug" in argv:
+        return main([a for a in argv if a != "--debug"])
+    try:
+        return main(argv)
+    except USER_ERRORS as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -242,12 +242,18 @@ class Loader:
         return self
 
     def __next__(self) -> dict:
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._queue.put(item)  # stays failed
-            raise item
-        batch, self._state, self.row_sources = item
+        self.ready()
+        batch, self._state, self.row_sources = self._next
+        self._next = None
         return batch
+
+    def ready(self):
+        """Wait for the next batch, raising what its making raised (a source that yields nothing):
+        train.py calls it before it writes anything."""
+        if self._next is None:
+            self._next = self._queue.get()
+        if isinstance(self._next, BaseException):
+            raise self._next  # stays failed
 
     def state(self) -> dict:
         """The position after the last batch returned: JSON-able, this process's streams only."""
@@ -263,7 +269,7 @@ class Loader:
             raise ValueError(f"state lacks streams {missing}; merge_states() the states of all processes")
         self._halt()
         self._state = {**state, "streams": {str(j): state["streams"][str(j)] for j in self.streams}}
-        self.docs_read = 0
+        self.docs_read, self._next = 0, None
         self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
         self._thread = threading.Thread(target=self._produce, args=(state, self._queue, self._stop), daemon=True)
         self._thread.start()
@@ -355,4 +361,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import config
+    config.command(main)

@@ -101,4 +101,4 @@ def input_or_none(prefix: str):
 
 
 if __name__ == "__main__":
-    main()
+    config.command(main)

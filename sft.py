@@ -26,7 +26,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -124,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.command(main)

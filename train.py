@@ -24,7 +24,6 @@ saves it and exits 0.
 import dataclasses
 import json
 import signal
-import sys
 import time
 
 import jax
@@ -231,23 +230,30 @@ class Log:
 
 
 def start(cfg: config.TrainConfig, mcfg: model.Config, tx, mesh, make_loader, init_params):
-    """(state, loader, checkpoint reader or None): the newest checkpoint of out_dir that verifies,
-    with the loader moved to its position; else a fresh state from init_params, init_from or random."""
-    state, reader, data_states = checkpoint.restore_newest(cfg.out_dir, state_structs(tx, mcfg, mesh), mcfg)
+    """(state, loader, checkpoint reader or None, history): the newest checkpoint of out_dir that
+    verifies, with the loader moved to its position; else a fresh state from init_params, init_from
+    or random. The data (tokenizer, sources, their first batch) is checked first, then the config
+    against the checkpoint's, key by key (a refused key stops the run): nothing is written before.
+    history: the checkpoint's record of changed settings, plus this start's changes at step + 1."""
     loader = make_loader(cfg, jax.process_index(), jax.process_count())
     if loader.tokenizer.vocab_size > mcfg.vocab_size:
         raise ValueError(f"tokenizer has {loader.tokenizer.vocab_size} tokens, model {cfg.model} only {mcfg.vocab_size}")
+    loader.ready()  # a source that yields nothing fails now, not after config.json is written
+    state, reader, data_states = checkpoint.restore_newest(cfg.out_dir, state_structs(tx, mcfg, mesh), mcfg, cfg)
     if reader:
         loader.restore(data.merge_states(data_states))
+        changes = config.resume_changes(reader.meta.get("config", {}), reader.meta["model"], cfg, mcfg, reader.path)
+        history = reader.meta.get("config_history", []) + ([{"step": int(state["step"]) + 1, "changes": changes}]
+                                                           if changes else [])
         if jax.process_index() == 0:
-            print(f"resumed from {reader.path}")
-        return state, loader, reader
+            print(f"resumed from {reader.path}" + "".join(f"; {k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        return state, loader, reader, history
     params = None
     if init_params or cfg.init_from:
         params = init_params(mcfg, mesh) if init_params else load_params(cfg.init_from, mcfg, mesh)
     if params is not None and (bad := checkpoint.nonfinite_paths(params)):
         raise ValueError(f"{cfg.init_from}: non-finite values in {', '.join(bad[:4])}")
-    return init_state(tx, mcfg, mesh, jax.random.key(cfg.seed), params), loader, None
+    return init_state(tx, mcfg, mesh, jax.random.key(cfg.seed), params), loader, None, []
 
 
 def evaluate(eval_step, params, loader, cfg: config.TrainConfig, mesh, step: int) -> dict:
@@ -264,12 +270,12 @@ def evaluate(eval_step, params, loader, cfg: config.TrainConfig, mesh, step: int
     return record
 
 
-def save(cfg: config.TrainConfig, mcfg: model.Config, step: int, state, loader, log: Log):
+def save(cfg: config.TrainConfig, mcfg: model.Config, step: int, state, loader, log: Log, history: list = ()):
     """An atomic checkpoint of `step`: the state (finite: the step never writes a non-finite one),
-    every process's loader position, the loop's position, the run's tokenizer; every metrics record
-    up to `step` is written before it commits."""
+    every process's loader position, the loop's position, the run's tokenizer, the history of its
+    changed settings; every metrics record up to `step` is written before it commits."""
     meta = {"config": json.loads(config.to_json(cfg)), "model": dataclasses.asdict(mcfg), "seed": cfg.seed,
-            "loop": log.position()}
+            "loop": log.position(), "config_history": list(history)}
     if jax.process_index() == 0:
         tracking.flush_metrics(cfg.out_dir)
     checkpoint.save(cfg.out_dir, step, state, loader.state(), meta, cfg.keep_checkpoints, loader.tokenizer)
@@ -294,13 +300,16 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     mcfg = mcfg or config.model_config(cfg)
     config.validate(cfg, mcfg, jax.device_count(), jax.process_count(), jax.devices()[0].platform)
     mesh, tx, main_process = sharding.make_mesh(*cfg.mesh), make_optimizer(cfg), jax.process_index() == 0
-    state, loader, reader = start(cfg, mcfg, tx, mesh, make_loader, init_params)
+    state, loader, reader, history = start(cfg, mcfg, tx, mesh, make_loader, init_params)
     first = int(state["step"])
-    storage.makedirs(cfg.out_dir)  # nothing is written before the checkpoint is known good
+    storage.makedirs(cfg.out_dir)  # nothing is written before every check has passed
     if main_process:
         print(config.to_json(cfg))
-        storage.write_bytes(storage.join(cfg.out_dir, "config.json"), config.to_json(cfg).encode())
+        run = {**json.loads(config.to_json(cfg)), "history": history}  # what the run uses, and since when
+        storage.write_bytes(storage.join(cfg.out_dir, "config.json"), json.dumps(run, indent=2).encode())
         tracking.trim_metrics(cfg.out_dir, first)
+        if history and history[-1]["step"] == first + 1:  # this start's changes, from the step they apply to
+            tracking.log_metrics(cfg.out_dir, {"step": first + 1, "config_changes": history[-1]["changes"]})
     bar = tqdm(range(first, cfg.steps), initial=first, total=cfg.steps, disable=not main_process)
     log = Log(cfg, mcfg, tracking.Tracker(cfg, first, main_process), bar, first,
               reader.meta.get("loop", {}) if reader else {})
@@ -308,27 +317,36 @@ def train(cfg: config.TrainConfig, mcfg: model.Config = None, make_loader=data.m
     handle_stop_signals()
 
     pending, stop = None, False  # pending: (step, metrics) not yet logged
-    for step in (s + 1 for s in bar):  # `step` counts the updates done once this one is
-        batch = sharding.global_batch(next(loader), mesh, cfg.microbatches)
-        state, metrics = train_step(state, batch, stop_flags(mesh, _stop_requested))
-        if pending:
-            stop = log.step(*pending) or stop
-        pending = (step, metrics)
-        evaluating = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-        saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop
-        if evaluating or saving:  # this step's record first: a kill after the save must not lose it
-            stop = log.step(*pending) or stop
-            pending, saving = None, saving or stop
-        if evaluating:
-            if len(record := evaluate(eval_step, state["params"], loader, cfg, mesh, step)) > 1:
-                log.write(record)
-                bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {step})")
-        if saving:
-            save(cfg, mcfg, step, state, loader, log)
-        if stop:
-            if main_process:
-                print(f"stop requested: saved step {step} in {cfg.out_dir}, exiting")
-            break
+    saved = first if reader else None  # the newest step committed, for a stop on a storage failure
+    try:
+        for step in (s + 1 for s in bar):  # `step` counts the updates done once this one is
+            batch = sharding.global_batch(next(loader), mesh, cfg.microbatches)
+            state, metrics = train_step(state, batch, stop_flags(mesh, _stop_requested))
+            if pending:
+                stop = log.step(*pending) or stop
+            pending = (step, metrics)
+            evaluating = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+            saving = step % cfg.checkpoint_every == 0 or step == cfg.steps or stop
+            if evaluating or saving:  # this step's record first: a kill after the save must not lose it
+                stop = log.step(*pending) or stop
+                pending, saving = None, saving or stop
+            if evaluating:
+                if len(record := evaluate(eval_step, state["params"], loader, cfg, mesh, step)) > 1:
+                    log.write(record)
+                    bar.write(" ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step") + f" (step {step})")
+            if saving:
+                save(cfg, mcfg, step, state, loader, log, history)
+                saved = step
+            if stop:
+                if main_process:
+                    print(f"stop requested: saved step {step} in {cfg.out_dir}, exiting")
+                break
+    except OSError as e:  # storage out of reach after storage.py's retries, a full disk, ...
+        log.tracker.abandon()  # its files live there too: no more writes, at exit neither
+        where = (f"step {saved} is safely committed in {checkpoint.step_dir(cfg.out_dir, saved)}: run the same "
+                 "command again to resume from it" if saved is not None else
+                 f"no checkpoint was committed in {cfg.out_dir}: run the same command again to start over")
+        raise SystemExit(f"stopping in step {step}: {' '.join(str(e).split())}; {where}") from e
     if pending:
         log.step(*pending)
     if main_process:
@@ -350,4 +368,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.command(main)

@@ -25,7 +25,6 @@ print the pass@k and the sandbox isolation that ran them as a JSON object on the
 """
 import argparse
 import json
-import sys
 
 import jax
 import numpy as np
@@ -237,4 +236,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.command(main)

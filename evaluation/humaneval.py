@@ -120,6 +120,10 @@ def read_samples(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{number}: not valid JSON") from None
             if not isinstance(sample, dict) or not {"task_id", "completion"} <= sample.keys():
                 raise ValueError(f"{path}:{number}: needs \"task_id\" and \"completion\"")
+            for field in ("task_id", "completion"):
+                if not isinstance(sample[field], str):
+                    raise ValueError(f"{path}:{number}: \"{field}\" must be a string, not "
+                                     f"{type(sample[field]).__name__} {sample[field]!r:.40}")
             out.append(sample)
     if not out:
         raise ValueError(f"{path}: no samples")

@@ -8,15 +8,19 @@ A checkpoint is a directory `out_dir/step_00001000/`:
     meta.json                   step, run config, model config, seed, the tokenizer's added tokens (process 0)
     COMMIT                      written last, by process 0: CRC-32 of meta.json and tokenizer.model
 
-Atomicity: a step folder with COMMIT is complete; anything else is ignored and cleared by the
-next save, so a crash at any instant leaves either the old set of checkpoints or the new one.
+Atomicity: a step folder with COMMIT is complete; anything else is ignored, so a crash at any
+instant leaves either the old set of checkpoints or the new one.
 - On a disk, everything is written under `step_XXXXXXXX.tmp/`, each file fsynced; after a
   barrier, process 0 writes COMMIT, renames the folder to its final name, fsyncs the parent.
 - On an object store (out_dir a URL: gs://bucket/run, see storage.py) there is no atomic rename,
-  so the files are written in place, each object appearing whole or not at all; after a barrier,
-  process 0 writes COMMIT last. A same-step checkpoint already committed there is kept as it is
-  (a run reaches a step it has a checkpoint of only by resuming from it: the state is the same),
-  and deleting one removes COMMIT first, so a crash mid-delete leaves an uncommitted folder.
+  so the files are written in place, each object appearing whole or not at all, the folder
+  marked UNFINISHED first; after a barrier, process 0 writes COMMIT, then drops the mark. A
+  same-step checkpoint already committed there is kept as it is (a run reaches a step it has a
+  checkpoint of only by resuming from it: the state is the same).
+- Deleting one marks it UNFINISHED, then removes COMMIT, so a crash mid-delete leaves an
+  uncommitted folder marked as the loop's own.
+The next save removes the loop's own interrupted writes and deletes (a `.tmp` folder, a marked
+one) and sets aside any other folder without COMMIT, naming each.
 Rotation keeps the newest `keep` and never deletes the checkpoint just written. For multi-host
 runs out_dir must be storage every process sees: a bucket URL or a shared file system.
 
@@ -52,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import config
 import model
 from formats import storage, tensorfile
 from formats.tokenizer import Tokenizer
@@ -112,8 +117,16 @@ def step_dir(out_dir: str, step: int) -> str:
     return storage.join(out_dir, f"step_{step:08d}")
 
 
+# The mark of a folder the loop itself is writing in place (an object store) or deleting, written
+# before the first file of the write, before COMMIT is removed: a folder without COMMIT is removed
+# by the next save only when it is marked (or is a local step_X.tmp); any other is set aside.
+UNFINISHED = "UNFINISHED"
+
+
 def _discard(path: str):
-    """Delete a checkpoint folder, COMMIT first: a crash midway leaves it uncommitted, not half."""
+    """Delete a checkpoint folder, marked first, then COMMIT: a crash midway leaves it
+    uncommitted and marked as ours, not half a checkpoint."""
+    storage.write_bytes(storage.join(path, UNFINISHED), b"being deleted\n")
     if storage.exists(storage.join(path, "COMMIT")):
         storage.remove(storage.join(path, "COMMIT"))
     storage.rmtree(path)
@@ -152,11 +165,10 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
         return  # already committed, and nothing can replace it atomically (see the module doc)
     if proc == 0:
         storage.makedirs(out_dir)
-        for name in storage.listdir(out_dir):  # leftovers of an interrupted save
-            uncommitted = _STEP_DIR.match(name) and not storage.exists(storage.join(out_dir, name, "COMMIT"))
-            if _TMP_DIR.match(name) or uncommitted:
-                storage.rmtree(storage.join(out_dir, name))
+        _clear_leftovers(out_dir)
         storage.makedirs(tmp)
+        if remote:  # written in place: marked as ours before any file of it
+            storage.write_bytes(storage.join(tmp, UNFINISHED), b"being written\n")
     _barrier(f"ckpt-{step}-mkdir")
 
     tensors = []
@@ -180,7 +192,9 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
             meta["tokenizer"] = {"file": "tokenizer.model", "added_tokens": added}
         checksums["meta.json"] = _write_json(storage.join(tmp, "meta.json"), meta)
         _write_json(storage.join(tmp, "COMMIT"), {"step": step, "checksums": checksums})
-        if not remote:
+        if remote:
+            storage.remove(storage.join(tmp, UNFINISHED))
+        else:
             storage.sync_dir(tmp)
             if storage.exists(final):  # a checkpoint of the same step from before a crash
                 storage.rmtree(final)
@@ -190,6 +204,22 @@ def save(out_dir: str, step: int, state, data_state: dict, meta: dict, keep: int
         for old in older[:max(len(older) - (keep - 1), 0)]:
             _discard(step_dir(out_dir, old))
     _barrier(f"ckpt-{step}-done")
+
+
+def _clear_leftovers(out_dir: str):
+    """Remove the loop's own interrupted writes and deletes (a local step_X.tmp, a marked folder
+    without COMMIT); set aside any other folder without COMMIT (its COMMIT lost some other way:
+    perhaps a checkpoint someone needs). Each is named."""
+    for name in storage.listdir(out_dir):
+        path = storage.join(out_dir, name)
+        if not (_TMP_DIR.match(name) or _STEP_DIR.match(name) and not storage.exists(storage.join(path, "COMMIT"))):
+            continue
+        if _TMP_DIR.match(name) or storage.exists(storage.join(path, UNFINISHED)):
+            print(f"removing {path}: an interrupted save or delete (uncommitted)")
+            storage.rmtree(path)
+        else:
+            print(f"{path} has no COMMIT and is no interrupted save or delete of this run; set aside as "
+                  f"{set_aside(path)}")
 
 
 class Reader:
@@ -352,16 +382,21 @@ def check_same_model(saved: model.Config, mcfg: model.Config, where: str):
                          "resume with the model it was trained with, or use another out_dir")
 
 
-def restore_newest(out_dir: str, structs, mcfg: model.Config):
+def restore_newest(out_dir: str, structs, mcfg: model.Config, cfg=None):
     """(state, reader, data states) of the newest checkpoint in out_dir that verifies, all None if
-    there is no checkpoint. Every process must agree that a checkpoint verifies before it is used."""
+    there is no checkpoint. Every process must agree that a checkpoint verifies before it is used.
+    cfg: the run's config, compared key by key with the checkpoint's (config.resume_changes) before
+    its arrays are read; without it only the model is compared."""
     failures = []
     for step in reversed(committed(out_dir)):
         path = step_dir(out_dir, step)
         state = reader = data_states = error = network = None
         try:
             reader = Reader(path)
-            check_same_model(reader.model_config(), mcfg, path)
+            if cfg is None:
+                check_same_model(reader.model_config(), mcfg, path)
+            else:
+                config.resume_changes(reader.meta.get("config", {}), reader.meta["model"], cfg, mcfg, path)
             state, _ = restore(reader, structs)
             data_states = reader.data_states()
             if bad := nonfinite_paths(state):

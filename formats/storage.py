@@ -16,18 +16,30 @@ on three promises that hold on a disk and on an object store alike:
 
 Listings are not cached: several hosts write the same bucket, and a stale listing would hide a
 checkpoint another host just committed.
+
+Storage that cannot be reached (a lost connection, a timeout, a server error) is retried with
+backoff for RETRY_SECONDS (env LEMUR_STORAGE_RETRY_SECONDS, default 600: a bucket's bad minutes
+pass), on top of the client's own retries; then StorageError says so, and train.py stops naming
+the step that is safely committed. A missing bucket is said to be one.
 """
 import builtins
 import contextlib
 import functools
 import glob as _glob
+import logging
 import os
 import posixpath
 import shutil
+import time
 
 # byte ranges closer than this are fetched in one request: a host's column block of a weight is
 # one short range per row, and thousands of tiny requests cost more than the gaps between them
 MERGE_GAP = 1 << 20
+RETRY_SECONDS = float(os.environ.get("LEMUR_STORAGE_RETRY_SECONDS", 600))
+
+
+class StorageError(OSError):
+    """Storage out of reach for RETRY_SECONDS: a network or a service, not the data, failed."""
 
 
 def is_remote(path: str) -> bool:
@@ -41,6 +53,9 @@ def _filesystem(protocol: str):
     except ImportError:
         raise ImportError(f"install fsspec (and gcsfs for gs://) to use {protocol}:// paths: "
                           "pip install -r requirements-cloud.txt") from None
+    # gcsfs logs a traceback for each request it gives up on; the error we raise says what failed
+    logging.getLogger("gcsfs").addHandler(logging.NullHandler())
+    logging.getLogger("gcsfs").propagate = False
     try:
         return fsspec.filesystem(protocol, use_listings_cache=False)
     except (ImportError, ValueError) as e:  # fsspec names the package a protocol needs
@@ -51,18 +66,60 @@ def _fs(path: str):
     return _filesystem(path.split("://", 1)[0])
 
 
+def _transient(e: Exception) -> bool:
+    """Whether a failed remote call may pass: the connection or the service, not the path."""
+    if type(e).__name__ == "HttpError":  # gcsfs: server errors and throttling pass, others do not
+        return getattr(e, "code", None) in (408, 429) or (getattr(e, "code", None) or 0) >= 500
+    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, FileExistsError,
+                                                         IsADirectoryError, NotADirectoryError))
+
+
+def _bucket(path: str) -> str:
+    protocol, rest = path.split("://", 1)
+    return f"{protocol}://{rest.split('/', 1)[0]}"
+
+
+def _retried(op):
+    """op on a URL, retried with backoff while it fails transiently, for RETRY_SECONDS at most."""
+    @functools.wraps(op)
+    def retried(path, *args, **kwargs):
+        if not is_remote(path):
+            return op(path, *args, **kwargs)
+        began, wait = time.monotonic(), 1.0
+        while True:
+            try:
+                return op(path, *args, **kwargs)
+            except FileNotFoundError:
+                if not _fs(path).exists(_bucket(path)):
+                    raise FileNotFoundError(f"{path}: bucket {_bucket(path)} does not exist (or these credentials "
+                                            "cannot see it); create it or fix the URL") from None
+                raise
+            except Exception as e:
+                if isinstance(e, StorageError) or not _transient(e):  # a nested call's verdict stands
+                    raise
+                if time.monotonic() + wait > began + RETRY_SECONDS:
+                    raise StorageError(f"{path}: storage unreachable, retried for {time.monotonic() - began:.0f} s "
+                                       f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+                time.sleep(wait)
+                wait = min(2 * wait, 60.0)
+    return retried
+
+
 def join(path: str, *parts: str) -> str:
     return posixpath.join(path, *parts) if is_remote(path) else os.path.join(path, *parts)
 
 
+@_retried
 def exists(path: str) -> bool:
     return _fs(path).exists(path) if is_remote(path) else os.path.exists(path)
 
 
+@_retried
 def isfile(path: str) -> bool:
     return _fs(path).isfile(path) if is_remote(path) else os.path.isfile(path)
 
 
+@_retried
 def listdir(path: str) -> list[str]:
     """Names in directory `path` ([] if there is none)."""
     if not is_remote(path):
@@ -75,6 +132,7 @@ def listdir(path: str) -> list[str]:
     return [posixpath.basename(p) for p in found if p != own]  # not a "folder/" placeholder object
 
 
+@_retried
 def glob(pattern: str) -> list[str]:
     """Paths matching `pattern` (`**` spans folders), URLs for a URL pattern."""
     if not is_remote(pattern):
@@ -89,10 +147,12 @@ def makedirs(path: str):
         os.makedirs(path, exist_ok=True)
 
 
+@_retried
 def remove(path: str):
     _fs(path).rm_file(path) if is_remote(path) else os.remove(path)
 
 
+@_retried
 def rmtree(path: str):
     if not is_remote(path):
         shutil.rmtree(path)
@@ -107,6 +167,7 @@ def rename(src: str, dst: str):
     os.replace(src, dst)
 
 
+@_retried
 def copytree(src: str, dst: str):
     """Copy a folder (on an object store, server-side, object by object)."""
     if is_remote(src) and is_remote(dst):
@@ -117,6 +178,7 @@ def copytree(src: str, dst: str):
         raise ValueError(f"cannot copy {src} -> {dst} across storages")
 
 
+@_retried
 def size(path: str) -> int:
     return _fs(path).size(path) if is_remote(path) else os.path.getsize(path)
 
@@ -128,11 +190,13 @@ def open(path: str, mode: str = "rb", **kwargs):
     return builtins.open(path, mode, **kwargs)
 
 
+@_retried
 def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
 
+@_retried
 def read_ranges(path: str, ranges: list[tuple[int, int]]) -> list[bytes]:
     """Bytes [start, stop) of `path` for each range; remote: ranges closer than MERGE_GAP are
     fetched in one request, requests run concurrently."""
@@ -191,6 +255,7 @@ def writer(path: str, mode: str = "wb"):
             os.remove(tmp)
 
 
+@_retried
 def write_bytes(path: str, data: bytes):
     with writer(path) as f:
         f.write(data)

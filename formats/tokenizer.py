@@ -21,7 +21,11 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model {model_path!r} does not exist")
         self.model_path = model_path
         self.model_proto = storage.read_bytes(model_path) if model_proto is None else model_proto
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        except RuntimeError:  # sentencepiece's own words (ParseFromArray) name neither the file nor the fix
+            raise ValueError(f"{model_path}: not a sentencepiece model (sentencepiece cannot parse it); "
+                             "a tokenizer must be a .model file written by sentencepiece") from None
         base = self.sp.get_piece_size()
         self.added = {tok: base + i for i, tok in enumerate(added_tokens)}
         self.added_text = {i: tok for tok, i in self.added.items()}

@@ -127,6 +127,12 @@ class Tracker:
             writer.close()
         self.writers = []
 
+    def abandon(self):
+        """Storage is out of reach: write nothing more to out_dir, at exit neither (TensorBoard's
+        writer flushes then); metrics.jsonl holds every record up to the last checkpoint."""
+        _ObjectStoreEvents.abandoned = True
+        self.writers = []
+
 
 class _TensorBoard:
     def __init__(self, writer):
@@ -153,6 +159,8 @@ class _ObjectStoreEvents:
     def open(path):
         return _ObjectStoreEvents(path)
 
+    abandoned = False  # Tracker.abandon: storage is out of reach
+
     def __init__(self, path):
         self.path, self.buffer, self.written = path, io.BytesIO(), 0.0
 
@@ -160,6 +168,8 @@ class _ObjectStoreEvents:
         self.buffer.write(data)
 
     def flush(self, force=False):
+        if self.abandoned:
+            return
         if force or time.monotonic() - self.written >= METRICS_REWRITE_SECONDS:
             storage.write_bytes(self.path, self.buffer.getvalue())
             self.written = time.monotonic()

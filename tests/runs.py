@@ -1,5 +1,6 @@
 """Helpers of the tests that start real training runs (tests/test_train.py, tests/test_faults.py):
-a small corpus, config files over it, train.py subprocesses, and their metrics."""
+a small corpus, config files over it, train.py subprocesses (FAULT, the kills, is
+tools/campaign.py's), and their metrics."""
 import dataclasses
 import json
 import os
@@ -66,40 +67,6 @@ def slow_next(self):
 data.Loader.__next__ = slow_next
 train.main(sys.argv[1:])
 """
-
-# train.py with a SIGKILL at the n-th occurrence of one event (FAULT="event:n"): "batch" (a batch
-# is fetched: mid-training), "shards" (a process's shards are written, the checkpoint is not
-# committed), "commit" (COMMIT written, the folder not yet renamed), "saved" (the checkpoint is
-# committed and renamed, nothing after it has run), "log" (a metrics record is about to be written)
-FAULT = """
-import os, signal, sys
-import data, train
-from formats import checkpoint, tensorfile, tracking
-event, at = os.environ["FAULT"].split(":")
-seen = [0]
-def fault(name):
-    if name == event:
-        seen[0] += 1
-        if seen[0] == int(at):
-            os.kill(os.getpid(), signal.SIGKILL)
-def wrap(module, name, before=None, after=None, when=lambda *a: True):
-    original = getattr(module, name)
-    def wrapped(*args, **kwargs):
-        if before and when(*args):
-            fault(before)
-        result = original(*args, **kwargs)
-        if after and when(*args):
-            fault(after)
-        return result
-    setattr(module, name, wrapped)
-wrap(data.Loader, "__next__", before="batch")
-wrap(tensorfile, "write_safetensors", after="shards")
-wrap(checkpoint, "_write_json", after="commit", when=lambda path, obj: path.endswith("COMMIT"))
-wrap(checkpoint, "save", after="saved")
-wrap(tracking, "log_metrics", before="log")
-train.main(sys.argv[1:])
-"""
-
 
 def start(cfg_path, devices=4, *args, code=None, env=None):
     cmd = [sys.executable, "-c", code, cfg_path, *args] if code else [sys.executable, "train.py", cfg_path, *args]

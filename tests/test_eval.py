@@ -204,3 +204,13 @@ def test_the_harness_adapter_answers_like_the_harness_hf_backend(harness):
                     assert x[0] == pytest.approx(y[0], rel=1e-5, abs=1e-4) and x[1] == y[1], task
                 else:  # a rolling loglikelihood
                     assert x == pytest.approx(y, rel=1e-5, abs=1e-4), task
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"task_id": 0, "completion": "    return 1\n"}, ':2: "task_id" must be a string, not int 0'),
+    ({"task_id": "HumanEval/0", "completion": 5}, ':2: "completion" must be a string, not int 5')])
+def test_a_sample_with_a_field_of_the_wrong_type_is_refused_by_line(tmp_path, record, message):
+    path = tmp_path / "samples.jsonl"
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": "    return 1\n"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=f"{path}{message}"):
+        humaneval.read_samples(str(path))

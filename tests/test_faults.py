@@ -4,22 +4,24 @@ import collections
 import dataclasses
 import json
 import os
-import random
+import re
 import shutil
 import signal
 import socket
 
 import jax
 import numpy as np
+import optax
 import pytest
 from conftest import HANG, subprocess_env
-from runs import FAULT, MICRO, SLOW_FEED, run, start, wait_for_step, write_config
+from runs import MICRO, SLOW_FEED, run, start, wait_for_step, write_config
 
 import config
 import sharding
 import train
 from formats import checkpoint
 from formats.tokenizer import Tokenizer
+from tools import campaign
 
 
 def saved_arrays(path) -> dict:
@@ -34,27 +36,35 @@ def records(out_dir) -> list:
 
 
 def test_killed_on_a_seeded_schedule_ends_as_if_never_killed(corpus, reference, tmp_path):
-    """SIGKILL before the first checkpoint, right after a commit, in the middle of checkpoint writes
-    (three kinds), before a metrics record and mid-training; resumed after each. The params,
-    optimizer state and metrics.jsonl (log_every=1) end identical to the uninterrupted run's."""
-    out_dir = tmp_path / "out"
-    cfg = write_config(tmp_path / "cfg.py", corpus, out_dir)
-    rng = random.Random(12)
-    schedule = [("batch", rng.randint(2, 3)), ("saved", 1), ("commit", 1), ("shards", 1),
-                ("log", rng.randint(1, 4)), ("batch", rng.randint(2, 5)), ("commit", 2)]
-    for event, at in schedule:
-        rc, out = run(cfg, env=subprocess_env(4, FAULT=f"{event}:{at}"), code=FAULT)
-        assert rc == -signal.SIGKILL, (event, at, out[-3000:])
-    rc, out = run(cfg)
-    assert rc == 0 and "resumed from" in out, out[-3000:]
-    assert checkpoint.committed(str(out_dir))[-1] == 16
-    assert not [n for n in os.listdir(out_dir) if n.endswith(".tmp")]
-    ours = saved_arrays(checkpoint.step_dir(str(out_dir), 16))
-    theirs = saved_arrays(checkpoint.step_dir(str(reference[0]), 16))
-    assert ours.keys() == theirs.keys() and any(k.startswith("opt_state") for k in ours)
-    for key in ours:
-        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
-    assert records(out_dir) == records(reference[0])
+    """The kill campaign (tools/campaign.py), short: SIGKILLs at moments drawn from a seed, counted
+    in events (so the verdict is the same on any machine), three of them mid-write, each followed by
+    a resume. The params, Adam state, loader and loop positions and metrics.jsonl (log_every=1, bar
+    wall-clock fields) end identical, byte for byte, to the uninterrupted run's."""
+    cfg = str(reference[0].parent / "cfg.py")
+    figures = campaign.campaign(cfg, str(tmp_path), kills=6, seed=3, env=subprocess_env(4), reference=str(reference[0]),
+                                log=lambda line: None)
+    assert (figures["kills"], figures["finished_early"]) == (6, False), figures
+    assert figures["mid_write_kills"] == 3 and figures["resumes"] >= 4, figures
+    assert figures["bytes_different"] == 0 and figures["parts"]["opt_state"][0] > 0, figures
+    assert not [n for n in os.listdir(tmp_path / "killed") if n.endswith((".tmp", ".corrupt"))]
+
+
+def test_the_campaign_sees_one_flipped_byte(reference, tmp_path):
+    """The campaign's comparison can fail: a copy of the reference with one bit of Adam's state
+    flipped differs by one byte there, and nowhere else."""
+    shutil.copytree(reference[0], tmp_path / "copy")
+    step_dir = checkpoint.step_dir(str(tmp_path / "copy"), 16)
+    state, reader = checkpoint.restore(step_dir, structs())
+    mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
+    norm = np.array(mu["norm"])
+    norm.view(np.uint32)[0] ^= 1  # the lowest bit of one float
+    flipped = optax.tree_utils.tree_set(state["opt_state"], mu={**mu, "norm": jax.device_put(norm, mu["norm"].sharding)})
+    meta = {k: v for k, v in reader.meta.items() if k not in ("step", "process_count", "tokenizer")}
+    data_state, tokenizer = reader.data_states()[0], reader.tokenizer()
+    shutil.rmtree(step_dir)
+    checkpoint.save(str(tmp_path / "copy"), 16, {**state, "opt_state": flipped}, data_state, meta, 10, tokenizer)
+    parts = campaign.compare(str(tmp_path / "copy"), str(reference[0]))
+    assert parts["opt_state"][1] == 1 and sum(d for _, d in parts.values()) == 1, parts
 
 
 def free_port():
@@ -212,29 +222,72 @@ def test_when_no_checkpoint_verifies_the_run_stops_naming_them(reference, tmp_pa
     assert checkpoint.committed(out_dir) == [4, 8, 12, 16]  # nothing set aside: nothing to fall back to
 
 
-def test_resume_with_another_model_is_refused_before_anything_is_written(reference, tmp_path):
+def reference_config(reference, out_dir, *overrides):
+    """The reference run's config, in out_dir, on this process's 8 devices (a mesh may change)."""
+    return config.load(str(reference[0].parent / "cfg.py"), [f"--out_dir={out_dir}", "--mesh=2,2,2", *overrides])
+
+
+def snapshot(folder) -> dict:
+    """{path: (size, mtime)} of everything under folder."""
+    return {os.path.join(d, n): (os.stat(os.path.join(d, n)).st_size, os.stat(os.path.join(d, n)).st_mtime_ns)
+            for d, _, names in os.walk(folder) for n in names}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--seed=5", "seed=5 (it was trained with 0)"), ("--batch_size=16", "batch_size=16 (it was trained with 8)"),
+    ("--seq_len=16", "seq_len=16 (it was trained with 32)"),
+    ("--sources.code.weight=3", "sources.code.weight=3.0 (it was trained with 10.0)"),
+    ("--model.rope_theta=500000", "model.rope_theta=500000.0 (it was trained with 10000.0)")])
+def test_a_resume_that_changes_the_run_is_refused_before_anything_is_written(reference, tmp_path, override, message):
+    """A key outside config.RESUMABLE, changed on resume, stops the run in one line naming the key,
+    both values and the way out, before anything in out_dir is written."""
     out_dir = copy_run(reference, tmp_path)
-    with open(os.path.join(out_dir, "config.json")) as f:
-        before = f.read()
-    other = dataclasses.replace(MICRO, rope_theta=500000.0)
-    tcfg = dataclasses.replace(RUN, model=other, out_dir=out_dir, mesh=(2, 2, 2))
-    with pytest.raises(ValueError, match="another model.*rope_theta 10000.0 -> 500000.0"):
-        train.train(tcfg)
-    with open(os.path.join(out_dir, "config.json")) as f:
-        assert f.read() == before
+    before = snapshot(out_dir)
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        train.train(reference_config(reference, out_dir, override))
+    assert "\n" not in str(refused.value) and f"--init_from=ckpt:{checkpoint.step_dir(out_dir, 16)}" in str(refused.value)
+    assert snapshot(out_dir) == before
     checkpoint.check_same_model(MICRO, dataclasses.replace(MICRO, dtype="bfloat16", remat="full"), "x")  # allowed
 
 
-def test_a_save_clears_uncommitted_leftovers_and_keeps_the_newest(one_checkpoint, tmp_path):
+def test_a_resume_applies_safe_changes_and_records_them_once(reference, tmp_path):
+    """lr, steps, checkpoint_every and the mesh change on resume from step 16: the new lr schedule
+    trains steps 17-18, and the change is recorded once, at step 17, in metrics.jsonl, config.json
+    and the checkpoints' meta.json, also after a second start."""
+    out_dir = copy_run(reference, tmp_path)
+    changed = reference_config(reference, out_dir, "--lr=1e-2", "--steps=18", "--checkpoint_every=2")
+    train.train(changed)
+    changes = {"out_dir": [str(reference[0]), out_dir], "steps": [16, 18], "lr": [0.003, 0.01],  # a moved run, too
+               "mesh": [[1, 2, 2], [2, 2, 2]], "checkpoint_every": [4, 2]}
+    train.train(changed)  # a finished run: it changes nothing, and records nothing twice
+    with open(os.path.join(out_dir, "config.json")) as f:
+        run = json.load(f)
+    assert run["history"] == [{"step": 17, "changes": changes}] and run["lr"] == 0.01 and run["seed"] == 0
+    assert checkpoint.Reader(checkpoint.step_dir(out_dir, 18)).meta["config_history"] == run["history"]
+    logged = records(out_dir)
+    assert [r for r in logged if "config_changes" in r] == [{"step": 17, "config_changes": changes}]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 19))
+    lr = {r["step"]: r["lr"] for r in logged if "loss" in r}
+    np.testing.assert_allclose(lr[17], float(train.lr_schedule(changed)(16)), rtol=1e-6)
+    assert lr[16] == records(reference[0])[-2]["lr"]  # steps before the change keep their record
+
+
+def test_a_save_clears_its_own_leftovers_sets_others_aside_and_keeps_the_newest(one_checkpoint, tmp_path, capsys):
+    """A half-written save (step_X.tmp) and a marked, uncommitted folder (an interrupted delete) are
+    the loop's own: removed. A folder whose COMMIT went some other way is set aside, by name."""
     path, mesh = one_checkpoint
     out_dir = os.path.dirname(path)
-    for leftover in ("step_00000009", "step_00000003.tmp"):  # a folder without COMMIT, a half-written save
+    for leftover in ("step_00000009", "step_00000003.tmp", "step_00000005"):
         os.makedirs(os.path.join(out_dir, leftover))
+    open(os.path.join(out_dir, "step_00000005", checkpoint.UNFINISHED), "w").close()
     with open(os.path.join(out_dir, "config.json.tmp"), "w") as f:  # another file's torn write: not ours
         f.write("{")
     params = sharding.init_params_sharded(MICRO, mesh, jax.random.key(0))
     checkpoint.save(out_dir, 2, {"params": params}, {}, {"model": dataclasses.asdict(MICRO)}, keep=1)
-    assert sorted(os.listdir(out_dir)) == ["config.json.tmp", "step_00000002"]
+    assert sorted(os.listdir(out_dir)) == ["config.json.tmp", "step_00000002", "step_00000009.corrupt"]
+    printed = capsys.readouterr().out
+    assert f"{os.path.join(out_dir, 'step_00000009')} has no COMMIT" in printed
+    assert f"removing {os.path.join(out_dir, 'step_00000005')}: an interrupted save or delete" in printed
 
 
 def test_a_slice_several_devices_hold_is_read_once(one_checkpoint, monkeypatch):
@@ -250,3 +303,45 @@ def test_a_slice_several_devices_hold_is_read_once(one_checkpoint, monkeypatch):
     assert len(reads) > len(jax.tree.leaves(expected)) and set(reads.values()) == {1}, reads  # tensor halves
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- one clear line
+
+def test_a_users_error_is_one_line_and_debug_shows_the_traceback(capsys):
+    """config.command, every command's __main__: a user's error (ValueError, OSError, ImportError)
+    is one `error:` line and exit status 1; --debug re-raises it; a bug keeps its traceback."""
+    def main(argv):
+        assert "--debug" not in argv
+        raise FileNotFoundError("tokenizer model 'x.model' does not exist\n(a second line)")
+    with pytest.raises(SystemExit) as stopped:
+        config.command(main, ["cfg.py"])
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "error: tokenizer model 'x.model' does not exist (a second line)\n"
+    with pytest.raises(FileNotFoundError):
+        config.command(main, ["cfg.py", "--debug"])
+
+    def buggy(argv):
+        raise TypeError("a bug")
+    with pytest.raises(TypeError):
+        config.command(buggy, [])
+
+
+def test_bad_data_is_named_before_anything_is_written(reference, corpus, tmp_path):
+    """A file that is not a sentencepiece model, a source that yields no records: each fails
+    naming its file, and out_dir is never created."""
+    (tmp_path / "bad.model").write_text("not a model")
+    (tmp_path / "empty.jsonl").write_text("")
+    out_dir = tmp_path / "out"
+    for override, message in ((f"--tokenizer={tmp_path / 'bad.model'}", "bad.model: not a sentencepiece model"),
+                              (f"--sources.code.paths={tmp_path / 'empty.jsonl'}", "found no training records in")):
+        with pytest.raises(ValueError, match=message):
+            train.train(reference_config(reference, out_dir, override))
+        assert not out_dir.exists()
+
+
+def test_a_refused_resume_from_the_command_line_is_one_line(reference, tmp_path):
+    out_dir = copy_run(reference, tmp_path)
+    rc, out = run(str(reference[0].parent / "cfg.py"), 4, f"--out_dir={out_dir}", "--seed=5")
+    assert rc == 1 and "Traceback" not in out, out[-3000:]
+    assert out.strip().splitlines()[-1].startswith(f"error: config: cannot resume {checkpoint.step_dir(out_dir, 16)} "
+                                                   "with seed=5 (it was trained with 0)")

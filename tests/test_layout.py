@@ -79,7 +79,7 @@ LAYERS = [
     ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval", "evaluation.mint_tasks",
                     "evaluation.mint_env"}),
     ("commands", {"sft", "sample", "evaluation.harness", "evaluation.agent", "tools.aot", "tools.convert", "tools.plot",
-                  "tools.ablate"}),
+                  "tools.ablate", "tools.campaign"}),
 ]
 
 

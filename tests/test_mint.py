@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from evaluation import agent, mint_env, mint_tasks, sandbox
+from evaluation import agent, mint_env, mint_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = os.path.join(ROOT, "tests", "mint_layout")

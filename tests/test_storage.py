@@ -6,12 +6,13 @@ import json
 import os
 import signal
 import socket
+import time
 
 import jax
 import numpy as np
 import pytest
 from conftest import subprocess_env
-from runs import FAULT, MICRO, run, write_config
+from runs import MICRO, run, start, write_config
 
 # the newest gcsfs first asks over gRPC what kind of bucket it has, which the emulator does not
 # serve (a 60 s timeout); these runs do not need it. Read when gcsfs is imported.
@@ -24,6 +25,7 @@ import sharding  # noqa: E402
 import train  # noqa: E402
 from formats import checkpoint, hf, readers, storage, tensorfile  # noqa: E402
 from tools import convert, plot  # noqa: E402
+from tools.campaign import FAULT  # noqa: E402
 
 BUCKET = "gs://lemur-test"
 
@@ -66,6 +68,14 @@ class Emulator:
     def stop(self):
         self.server.stop()
         emulator.RequestHandler.setup = self._setup
+
+    def lose(self):
+        """The bucket's service goes away (its contents stay, for a restart)."""
+        self.server.stop()
+
+    def restart(self):
+        self.server._api = emulator.APIThread("127.0.0.1", self.port, self.server._storage)
+        self.server.start()
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +202,59 @@ def test_a_checkpoint_that_does_not_verify_is_set_aside_without_rename(gcs, monk
     assert checkpoint.committed(out_dir) == [1]
     assert "COMMIT" in storage.listdir(f"{out_dir}/step_00000002.corrupt")
     assert not storage.exists(f"{out_dir}/step_00000002/COMMIT")
+
+
+def test_a_missing_bucket_says_so(gcs):
+    with pytest.raises(FileNotFoundError, match="bucket gs://no-such-bucket does not exist"):
+        storage.write_bytes("gs://no-such-bucket/run/config.json", b"{}")
+
+
+# train.py that waits, once step 4 is saved, until the test has taken the bucket away. gcsfs's own
+# retries (about 33 s a request) are off: storage.py's bounded retries are what is tested.
+LOSE_BUCKET = """
+import os, sys, time
+import gcsfs.retry
+gcsfs.retry.is_retriable = lambda e: False
+import train
+save = train.save
+def save_then_wait(cfg, mcfg, step, *args):
+    save(cfg, mcfg, step, *args)
+    if step == 4:
+        open(os.environ["SAVED"], "w").close()
+        while os.path.exists(os.environ["SAVED"]):
+            time.sleep(0.05)
+train.save = save_then_wait
+train.main(sys.argv[1:])
+"""
+
+
+def test_a_lost_bucket_stops_the_run_in_one_line_naming_the_committed_step(gcs, corpus, reference, tmp_path):
+    """The bucket goes away after step 4 is committed: the run retries for
+    LEMUR_STORAGE_RETRY_SECONDS, then stops with one line naming step 4 as safe and no traceback;
+    with the bucket back, the same command resumes from step 4 and ends as the run on disk."""
+    for name in ("code.jsonl", "text.jsonl", "tok.model"):
+        upload(str(corpus / name), f"{BUCKET}/lost/corpus/{name}")
+    out_dir, saved = f"{BUCKET}/lost/run", tmp_path / "saved"
+    cfg = write_config(tmp_path / "cfg.py", f"{BUCKET}/lost/corpus", out_dir)
+    env = subprocess_env(4, LEMUR_STORAGE_RETRY_SECONDS="3", SAVED=str(saved), **gcs.env)
+    proc = start(cfg, code=LOSE_BUCKET, env=env)
+    try:
+        while not saved.exists():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        gcs.lose()
+        saved.unlink()
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+        if not gcs.server._api.is_running.is_set():
+            gcs.restart()
+    last = out.strip().splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert last.startswith("stopping in step ") and "storage unreachable, retried for" in last, last
+    assert last.endswith(f"step 4 is safely committed in {out_dir}/step_00000004: run the same command again to "
+                         "resume from it"), last
+    rc, out = run(cfg, env=subprocess_env(4, **gcs.env))
+    assert rc == 0 and f"resumed from {out_dir}/step_00000004" in out, out[-3000:]
+    lines = storage.read_bytes(f"{out_dir}/metrics.jsonl").decode().splitlines()
+    assert {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r} == reference[1]

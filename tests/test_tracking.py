@@ -10,9 +10,9 @@ import struct
 import pytest
 from conftest import subprocess_env
 from runs import run, write_config
-from test_faults import FAULT
 
 from tools import plot
+from tools.campaign import FAULT
 
 
 def train_records(out_dir) -> dict:

@@ -39,7 +39,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the TPU chips are described, not attached
@@ -206,4 +205,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    config.command(main)

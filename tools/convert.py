@@ -11,7 +11,6 @@ A non-empty HF_DIR is refused unless `--force`, which replaces only the files an
 conversion itself (both directions, and the Python API `load_hf` / `save_hf`) is hf.py.
 """
 import argparse
-import sys
 
 import numpy as np
 
@@ -58,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import config
+    config.command(main)

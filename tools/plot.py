@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import os
-import sys
 
 from formats import readers, storage
 
@@ -78,4 +77,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import config  # here: plotting needs no jax, only the error line of every command
+    config.command(main)
