@@ -5,6 +5,7 @@
     python bench/step.py --remat full       # our default remat policy instead of the CPU choice
     python bench/step.py --smoke            # tiny sizes; tests/test_bench.py runs it so it cannot rot
     python bench/step.py --xla_flags=--xla_cpu_experimental_ynn_fusion_type=   # extra XLA flags (ours)
+    python bench/step.py --against ../other_checkout   # ours against ours at another commit, not HF
 
 Ours: train.make_train_step (sharding.py's shard_map program on a (1, 1, 1) mesh, clip + Adam,
 donated state) on one microbatch of `batch` rows. Model knobs: remat "none" by default (a CPU has
@@ -14,7 +15,9 @@ implementation), model.train(), loss from `labels=`, loss.backward(), clip_grad_
 torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0), zero_grad(set_to_none=True).
 `--dtype bfloat16` computes in bf16 on both sides over fp32 params (torch.autocast for HF);
 `--device gpu`, `--attention`, `--hf_attention`, `--fused_adamw` and `--torch_compile` are the
-settings of bench/gpu.py, which calls `ours` and `hf` below on one GPU.
+settings of bench/gpu.py, which calls `ours` and `hf` below on one GPU. `--against DIR` makes
+the other side ours again, from the checkout in DIR (another commit, a variant of the math), so a
+change's speed is measured side by side the same way.
 
 One worker process per side, both pinned to the same first `--threads` cores
 (os.sched_setaffinity, like taskset) plus torch.set_num_threads(threads); XLA sizes its CPU thread
@@ -61,6 +64,7 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=3, help="timed steps per run")
     parser.add_argument("--repeats", type=int, default=5, help="runs per side, alternated")
     parser.add_argument("--smoke", action="store_true", help="tiny model, one short run per side")
+    parser.add_argument("--against", metavar="DIR", help="the other side: ours from the checkout in DIR (not HF)")
     parser.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -216,9 +220,10 @@ def worker(args):
 # ----------------------------------------------------------------------------- the parent
 
 class Worker:
-    def __init__(self, side, argv):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", side, *argv],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    def __init__(self, side, argv, root=ROOT):
+        script = os.path.join(root, "bench", "step.py")
+        self.proc = subprocess.Popen([sys.executable, script, "--worker", side, *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root)
         self.meta = self.read()
 
     def read(self):
@@ -242,7 +247,9 @@ def main(argv):
     if args.worker:
         return worker(args)
     # set up one side at a time (compiling would otherwise steal the other's cores)
-    a, b = Worker("ours", argv), Worker("hf", argv)
+    a = Worker("ours", argv)
+    b = Worker("ours", argv, os.path.abspath(args.against)) if args.against else Worker("hf", argv)
+    other = f"ours@{args.against}" if args.against else "HF"
     tokens = args.batch * args.seq * args.steps
     ours_rates, hf_rates, matmul = [], [], []
     for _ in range(args.repeats):
@@ -259,14 +266,14 @@ def main(argv):
     print(f"model: dim {args.dim}, {args.layers} layers, {args.heads} heads, {args.kv_heads} kv heads, "
           f"ffn {args.ffn}, vocab {args.vocab}, {a.meta['params']:,} params; batch {args.batch} x seq {args.seq}, "
           f"{args.dtype}, {args.threads} threads each; ours: remat={args.remat}; "
-          f"HF attention: {b.meta['attn_implementation']}")
-    print(f"setup (compile / warm-up): ours {a.meta['setup_seconds']:.1f} s, HF {b.meta['setup_seconds']:.1f} s; "
-          f"first loss ours {a.meta['first_loss']:.3f}, HF {b.meta['first_loss']:.3f}")
+          f"{other} attention: {b.meta.get('attn_implementation', args.attention)}")
+    print(f"setup (compile / warm-up): ours {a.meta['setup_seconds']:.1f} s, {other} {b.meta['setup_seconds']:.1f} s; "
+          f"first loss ours {a.meta['first_loss']:.3f}, {other} {b.meta['first_loss']:.3f}")
     print("ours tokens/s per run: " + ", ".join(f"{r:,.0f}" for r in ours_rates))
-    print("HF   tokens/s per run: " + ", ".join(f"{r:,.0f}" for r in hf_rates))
-    print(f"ours {ours_rate:,.0f} tokens/s, HF torch {hf_rate:,.0f} tokens/s, ratio {ratio:.3f}")
+    print(f"{other} tokens/s per run: " + ", ".join(f"{r:,.0f}" for r in hf_rates))
+    print(f"ours {ours_rate:,.0f} tokens/s, {other} {hf_rate:,.0f} tokens/s, ratio {ratio:.3f}")
     print(f"model FLOPs {flops / 1e6:.1f} M/token: ours {ours_rate * flops / 1e9:.1f} GFLOP/s, "
-          f"HF {hf_rate * flops / 1e9:.1f} GFLOP/s; fp32 matmul (jnp.dot 2048^3) {peak / 1e9:.1f} GFLOP/s")
+          f"{other} {hf_rate * flops / 1e9:.1f} GFLOP/s; fp32 matmul (jnp.dot 2048^3) {peak / 1e9:.1f} GFLOP/s")
     print(json.dumps({"ours_tokens_per_sec": ours_rate, "hf_torch_tokens_per_sec": hf_rate, "ratio": ratio,
                       "flops_fraction_of_matmul": ours_rate * flops / peak,
                       "hf_flops_fraction_of_matmul": hf_rate * flops / peak, "matmul_flops_per_sec": peak,
@@ -275,9 +282,9 @@ def main(argv):
                                                                "seq", "batch")},
                       "remat": args.remat, "threads": args.threads, "steps_per_run": args.steps,
                       "repeats": args.repeats, "xla_flags": a.meta["xla_flags"],
-                      "hf_attn_implementation": b.meta["attn_implementation"],
-                      "versions": {"jax": a.meta["jax"], "torch": b.meta["torch"],
-                                   "transformers": b.meta["transformers"]},
+                      "hf_attn_implementation": b.meta.get("attn_implementation"), "against": args.against,
+                      "versions": {"jax": a.meta["jax"], "torch": b.meta.get("torch"),
+                                   "transformers": b.meta.get("transformers")},
                       "smoke": args.smoke}))
 
 
