@@ -76,8 +76,8 @@ LAYERS = [
                "formats.demo", "formats.weights", "formats.tracking"}),
     ("data", {"data", "chat"}),
     ("the loop", {"train"}),
-    ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval"}),
-    ("commands", {"sft", "sample", "evaluation.harness", "tools.aot", "tools.convert", "tools.plot", "tools.ablate"}),
+    ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval", "evaluation.openai_api"}),
+    ("commands", {"sft", "sample", "evaluation.harness", "evaluation.server", "tools.aot", "tools.convert", "tools.plot", "tools.ablate"}),
 ]
 
 
