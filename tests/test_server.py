@@ -264,6 +264,9 @@ def test_stop_strings_end_the_reply(client, service):
                                             temperature=0, max_tokens=40, stop=stops, stream=True)
     chunks = [c.choices[0] for c in stream]
     assert "".join(c.delta.content or "" for c in chunks) == got[0] and chunks[-1].finish_reason == "stop"
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": QUESTIONS[3]}],
+                                            temperature=0, max_tokens=40, stop=stops[:7], stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == text  # what was held back comes at the end
     wait_for(lambda: not service.scheduler.engine.busy(), "the stopped row to leave its slot")
 
 
