@@ -29,7 +29,8 @@ Each row keeps its own position (RoPE, the causal mask over the cache and where 
 written). A prompt is prefilled into its own row of the cache in chunks of `prefill_chunk` tokens
 through the same step as decoding (so the prefill's attention scores, not the prompt, bound its
 memory; the chips of the other rows' batch shards compute along and write nothing), and the row's
-first token comes from the chunk that holds its last prompt token. A chunk is padded at the end;
+first token comes from the chunk that holds its last prompt token. A chunk is padded at the end
+(the last one to a power of two from 16, so a short prompt costs little and few shapes compile);
 padded positions are never attended to: a row's mask stops at its own position, and its decode
 steps overwrite the padding as they go. Rows not decoding in a step (free, or still prefilling)
 step at a position past the cache, where nothing is written.
@@ -326,12 +327,14 @@ class Engine:
             if row is None or row["prefilled"] >= len(row["prompt"]):
                 continue
             n, offset = len(row["prompt"]), row["prefilled"]
-            tokens = np.zeros((1, self.chunk), np.int32)  # padded at the end: one compiled shape
-            tokens[0, :min(self.chunk, n - offset)] = row["prompt"][offset:offset + self.chunk]
+            # padded at the end to a power of two, 16 to `chunk`: a short prompt costs little, few shapes compile
+            size = min(self.chunk, max(16, 1 << (n - offset - 1).bit_length()))
+            tokens = np.zeros((1, size), np.int32)
+            tokens[0, :min(size, n - offset)] = row["prompt"][offset:offset + size]
             token, self.cache = step(self.params, tokens, np.array([n], np.int32), self.cache,
                                      np.array([offset], np.int32), self._sampling([row]), slot=np.int32(slot),
                                      **self.options)
-            row["prefilled"] += self.chunk
+            row["prefilled"] += size
             self.counts["prefill_steps"] += 1
             if row["prefilled"] >= n:
                 events.append(self._emit(slot, np.asarray(token)[0]))
