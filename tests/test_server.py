@@ -7,8 +7,6 @@ running rows and exits 0. Where an order matters (who joins while whom decodes) 
 engine advance turn by turn (`stepping`); verdicts come from the server's records, never timings."""
 import contextlib
 import io
-import json
-import os
 import signal
 import subprocess
 import sys
