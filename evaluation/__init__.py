@@ -8,4 +8,7 @@
     mint_env.py    MINT's environment as a step function: Episode(task, budget).step(text)
     agent.py       Lemur as an agent: `python -m evaluation.agent --replay` checks our environment
                    against MINT's recorded runs (docs/agents.md)
+    server.py      the OpenAI API (chat, completions, streaming) with continuous batching on a mesh;
+                   the command `python -m evaluation.server`
+    openai_api.py  the API's requests, chat formats, stop strings and responses, without the web framework
 """

@@ -27,6 +27,7 @@ import os
 import re
 import sys
 
+import config
 from evaluation import mint_env, mint_tasks
 
 NETWORK_STUB = "[replay: the network tool is not called; MINT's recorded observation stands]"
@@ -181,4 +182,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config.command(main))

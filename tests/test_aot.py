@@ -80,3 +80,12 @@ def test_oversized_batch_reports_not_fits(capsys):
     result = aot.compile_train_step(config.load("configs/lemur70b.py", ["--mesh=1,32,8", "--microbatches=1"]), "v4-512")
     assert result["fits"] is False and "RESOURCE_EXHAUSTED" in result["error"]
     assert "does not fit" in capsys.readouterr().out
+
+
+@needs_tpu
+def test_the_servers_steps_fit_a_v4_16():
+    """decode.Engine's two steps (the OpenAI server's, and generate's) for Llama-2-70B with 8 slots
+    of 4096 positions: a prefill chunk of 512 tokens into one slot, a decode step of all 8."""
+    result = aot.compile_generate("v4-16")
+    assert result["fits"] and result["prefill"]["hbm_per_chip_gib"] < 20 and result["decode"]["hbm_per_chip_gib"] < 20
+    assert (result["batch"], result["context"], result["chips"]) == (8, 4096, 8)

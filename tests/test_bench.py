@@ -48,6 +48,14 @@ def test_attention_benchmark_smoke():
     assert result["grad_max_rel_diff"] < 1e-5, result  # ours agrees with the plain masked softmax
 
 
+def test_serve_benchmark_smoke():
+    for package in ("torch", "transformers", "openai", "fastapi", "uvicorn"):
+        pytest.importorskip(package)
+    result = run_bench("bench/serve.py", "--smoke", timeout=300)
+    assert result["same_replies"] and result["eight_clients"]["tokens"] == result["one_client"]["tokens"] == 64
+    assert result["decode_steps_8_clients"] < 64 and result["transformers_one_by_one"]["tokens"] == 64, result
+
+
 def gpu_script():
     """bench/gpu.py as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "bench", "gpu.py"))

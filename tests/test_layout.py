@@ -77,9 +77,9 @@ LAYERS = [
     ("data", {"data", "chat"}),
     ("the loop", {"train"}),
     ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval", "evaluation.mint_tasks",
-                    "evaluation.mint_env"}),
-    ("commands", {"sft", "sample", "evaluation.harness", "evaluation.agent", "tools.aot", "tools.convert", "tools.plot",
-                  "tools.ablate", "tools.campaign"}),
+                    "evaluation.mint_env", "evaluation.openai_api"}),
+    ("commands", {"sft", "sample", "evaluation.harness", "evaluation.agent", "evaluation.server", "tools.aot",
+                  "tools.convert", "tools.plot", "tools.ablate", "tools.campaign"}),
 ]
 
 

@@ -92,3 +92,34 @@ def test_meshes_the_layout_cannot_split_are_refused(params):
     sharded, mesh = on_mesh(params, (1, 1, 1))
     with pytest.raises(ValueError, match="context of 64"):
         decode.generate(sharded, CFG, mesh, [[1] * 64], 4)
+
+
+def run_engine(engine, joins: dict) -> dict:
+    """Advance `engine` until idle; joins {advance number: [(slot, prompt, max_new, options)]}:
+    each slot's tokens, and the decode step count at each of them."""
+    out, when, turn = {}, {}, 0
+    while engine.busy() or any(t >= turn for t in joins):
+        for slot, prompt, new, options in joins.get(turn, []):
+            engine.join(slot, prompt, new, **options)
+            out[slot], when[slot] = [], []
+        for slot, token, _ in engine.advance():
+            out[slot].append(token)
+            when[slot].append(engine.counts["decode_steps"])
+        turn += 1
+    return out, when
+
+
+def test_engine_rows_joining_mid_decode_equal_each_alone(params, one_device):
+    """Continuous batching: prompts joining the running batch at different steps, in any slot,
+    each give what they give alone; a seeded sampled row gives the same tokens in another slot
+    beside other rows; a row that finishes frees its slot for the next."""
+    sharded, mesh = on_mesh(params, (1, 2, 2))
+    engine = decode.Engine(sharded, CFG, mesh, slots=4, context=64, prefill_chunk=4)
+    sampled = dict(temperature=2.0, top_p=0.9, seed=decode.row_seed(7))
+    alone, _ = run_engine(engine, {0: [(2, PROMPTS[0], NEW, sampled)]})
+    joins = {0: [(0, PROMPTS[2], NEW, {}), (1, PROMPTS[1], 3, {})], 2: [(3, PROMPTS[3], NEW, {})],
+             5: [(1, PROMPTS[0], NEW, sampled)], 6: [(2, PROMPTS[1], NEW, {})]}
+    out, when = run_engine(engine, joins)
+    assert out[0] == one_device[2] and out[3] == one_device[3] and out[2] == one_device[1]
+    assert out[1] == alone[2] and out[1] != one_device[0]  # slot 1 again: the seeded row, sampled
+    assert when[3][0] < when[0][-1] and engine.counts["decode_steps"] < engine.counts["tokens"]

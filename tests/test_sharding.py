@@ -18,7 +18,6 @@ import config
 import decode
 import model
 import sharding
-from conftest import HANG
 
 # 8 heads on 8 kv heads so every head count divides a tensor axis of 8; and grouped-query (8 on 2)
 MHA = model.Config(vocab_size=64, dim=32, n_layers=2, n_heads=8, n_kv_heads=8, ffn_dim=48,
@@ -185,6 +184,7 @@ def free_port():
 def test_two_processes_match_one(tmp_path):
     """2 processes x 4 devices (gloo collectives on localhost) == 1 process x 8 devices, and
     their checkpoint (each process writing its own shards) restores in 1 process on another mesh."""
+    from conftest import HANG  # not at the top: the worker imports this module, and conftest forces 8 devices
     worker = os.path.join(os.path.dirname(__file__), "multiprocess_worker.py")
     port, out = free_port(), tmp_path / "grads.npz"
     procs = []

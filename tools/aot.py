@@ -4,8 +4,9 @@ it fits in HBM, with an analytic MFU estimate.
     python -m tools.aot configs/lemur70b.py --topology=v4-512 [--microbatches=4 --mesh=1,32,8 ...]
     python -m tools.aot --generate --topology=v4-16 [--batch=8 --context=4096 --chunk=512]
 
---generate compiles decode.py's step as a prefill chunk (--chunk prompt tokens per row) and as a
-decode step (one token per row), against a KV cache of --context positions, for Llama-2-70B with
+--generate compiles decode.Engine's two steps (the OpenAI server's and decode.generate's): a
+prefill chunk of --chunk prompt tokens into one of --batch slots, and a decode step of all slots
+(one token each), against a KV cache of --context positions per slot, for Llama-2-70B with
 Lemur-Chat's vocabulary (32064) on a tensor-parallel mesh (1, 1, chips), and reports the HBM per
 chip of each.
 
@@ -165,26 +166,34 @@ def hbm(compiled, spec: dict) -> dict:
 
 def compile_generate(topology: str, batch: int = 8, context: int = 4096, chunk: int = 512,
                      mcfg: model.Config = dataclasses.replace(model.LLAMA2_70B, vocab_size=32064)) -> dict:
-    """Compile decode.py's step as a prefill chunk (`chunk` prompt tokens a row) and as a decode
-    step, against a cache of `context` positions, for the slice (mesh (1, 1, chips)); print and
-    return the HBM per chip of each, and whether both fit."""
+    """Compile the steps of decode.Engine (the server's and generate's), against a cache of `batch`
+    slots of `context` positions, for the slice (mesh (1, 1, chips)): a prefill chunk of `chunk`
+    prompt tokens into one slot, and a decode step of all slots; print and return the HBM per chip
+    of each, and whether both fit."""
     spec = slice_spec(topology)
     mesh = sharding.make_mesh(1, 1, spec["chips"], devices=topology_devices(spec))
     decode.check(mcfg, mesh.shape)
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.BATCH))
     cache = jax.ShapeDtypeStruct((mcfg.n_layers, batch, context, decode.cache_heads(mcfg, spec["chips"]), mcfg.head_dim),
                                  jnp.dtype(mcfg.dtype), sharding=jax.sharding.NamedSharding(mesh, decode.cache_spec()))
-    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows)
-    opts = (jnp.float32(0), jnp.int32(0), jnp.float32(1))
+
+    def ints(*shape, dtype=jnp.int32, split=True):  # per-row arguments split like the rows; one slot's replicated
+        spec_ = jax.sharding.PartitionSpec(sharding.BATCH) if split and shape else jax.sharding.PartitionSpec()
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, spec_))
+
+    def sampling(rows, split):  # temperature, top_k, top_p, seed, token index per row
+        return tuple(ints(rows, dtype=d, split=split) for d in (jnp.float32, jnp.int32, jnp.float32, jnp.uint32, jnp.int32))
+
     result = {"topology": topology, "chips": spec["chips"], "mesh": [1, 1, spec["chips"]], "batch": batch,
               "context": context, "prefill_chunk": chunk, "hbm_capacity_gib": spec["hbm_gib"],
               "params_gib": round(model.param_count(mcfg) * jnp.dtype(mcfg.dtype).itemsize / spec["chips"] / GIB, 2)}
-    for name, tokens in (("prefill", ints(batch, chunk)), ("decode", ints(batch, 1))):
-        start = time.time()
-        compiled = decode.step.lower(decode.param_structs(mcfg, mesh), tokens, ints(batch), {"k": cache, "v": cache},
-                                      ints(batch), jax.random.key(0), opts, cfg=mcfg, mesh=mesh,
-                                      vocab_size=mcfg.vocab_size).compile()
-        result[name] = {**hbm(compiled, spec), "compile_seconds": round(time.time() - start, 1)}
+    steps = {"prefill": (ints(1, chunk, split=False), ints(1, split=False), ints(1, split=False), sampling(1, False),
+                         ints(dtype=jnp.int32, split=False)),
+             "decode": (ints(batch, 1), ints(batch), ints(batch), sampling(batch, True), None)}
+    for name, (tokens, lengths, start, sampling_, slot) in steps.items():
+        begin = time.time()
+        compiled = decode.step.lower(decode.param_structs(mcfg, mesh), tokens, lengths, {"k": cache, "v": cache}, start,
+                                      sampling_, cfg=mcfg, mesh=mesh, vocab_size=mcfg.vocab_size, slot=slot).compile()
+        result[name] = {**hbm(compiled, spec), "compile_seconds": round(time.time() - begin, 1)}
         print(f"{name}: {result[name]['hbm_per_chip_gib']:.2f} GiB per chip of {spec['hbm_gib']} "
               f"({'fits' if result[name]['fits'] else 'does not fit'})")
     result["fits"] = result["prefill"]["fits"] and result["decode"]["fits"]
