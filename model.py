@@ -175,7 +175,8 @@ def dense(x, w, contract=1, **kwargs):
     """x (..., in) times w (in, ...) -> (..., out), where `in` is the last `contract` dims of x and
     the first of w, computed as one 2-D matmul (rows = all leading dims of x). Written this way,
     the backward pass's matmuls need no transposed copies of activations on XLA CPU (an einsum
-    over batch and sequence dims made it copy each (B, T, F) gradient transposed)."""
+    over batch and sequence dims made it copy each (B, T, F) gradient transposed): a CPU-only
+    trick kept because it pays (BENCHMARKS.md, "The CPU-only tricks")."""
     lead, out = x.shape[:x.ndim - contract], w.shape[contract:]
     y = jnp.matmul(x.reshape(math.prod(lead), -1), w.reshape(math.prod(w.shape[:contract]), -1), **kwargs)
     return y.reshape(*lead, *out)
@@ -233,7 +234,8 @@ def scan_layers(fn, x, layers, policy: str):
     """x -> fn(x, layer 0's weights) -> ... -> through all layers (`layers`: the stacked
     per-layer weights), as one lax.scan with `fn` under remat(policy). Without remat ("none")
     the loop is unrolled: a scan would copy every layer's saved activations into stacked buffers
-    and back (6-8% of a CPU step). With remat, the scan keeps compile time flat in depth."""
+    and back (a CPU-only trick that pays: BENCHMARKS.md, "The CPU-only tricks"). With remat, the
+    scan keeps compile time flat in depth."""
     fn = remat(fn, policy)
     return jax.lax.scan(lambda x, lp: (fn(x, lp), None), x, layers, unroll=policy == "none")[0]
 

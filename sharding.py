@@ -187,7 +187,7 @@ def global_batch(local: dict, mesh: Mesh, microbatches: int | None = None) -> di
 # ----------------------------------------------------------------------------- per-device program
 
 # Tiled all-gather and reduce-scatter along one array axis. Over a mesh axis of size 1 both are
-# the identity, but XLA CPU still runs them as copies (5% of a one-device CPU step): skipped.
+# the identity, but XLA CPU still runs them as copies: skipped (BENCHMARKS.md, "The CPU-only tricks").
 
 def _all_gather(x, axis_name, axis):
     return x if jax.lax.axis_size(axis_name) == 1 else jax.lax.all_gather(x, axis_name, axis=axis, tiled=True)
