@@ -24,6 +24,8 @@ import types
 import typing
 from dataclasses import dataclass
 
+import jax
+
 import attention
 import model
 import sharding
@@ -208,6 +210,16 @@ def parse_mesh(text: str, device_count: int, all_devices: bool = True) -> tuple:
     except ValueError as e:
         raise ValueError(f"--mesh={text}: {e}") from None
     return mesh
+
+
+def command_mesh(text: str | None):
+    """The mesh of a command that decodes (sample.py, the server): --mesh=DATA,FSDP,TENSOR over all
+    devices of all processes (joining the others first), or one device without it. Raises
+    ValueError naming --mesh."""
+    if text is None:
+        return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    sharding.initialize_distributed()
+    return sharding.make_mesh(*parse_mesh(text, jax.device_count()))
 
 
 def check_model(mcfg: model.Config):

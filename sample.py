@@ -48,16 +48,12 @@ def main(argv=None):
         decode.check_options(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         parser.error(str(e))
-    if args.mesh:
-        sharding.initialize_distributed()
-        try:
-            mesh = sharding.make_mesh(*config.parse_mesh(args.mesh, jax.device_count()))
-        except ValueError as e:
-            parser.error(str(e))
-        if args.prompt is None and jax.process_count() > 1:
-            parser.error("several processes cannot share an interactive chat: pass --prompt")
-    else:
-        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    try:
+        mesh = config.command_mesh(args.mesh)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.prompt is None and jax.process_count() > 1:
+        parser.error("several processes cannot share an interactive chat: pass --prompt")
     params, cfg, tokenizer = weights.for_serving(args.path, mesh)
     chatting = args.chat or args.prompt is None
     if chatting and "<|im_end|>" not in tokenizer.added:

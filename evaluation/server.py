@@ -396,14 +396,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sharding.select_platforms()
-    if args.mesh:
-        sharding.initialize_distributed()
-        try:
-            mesh = sharding.make_mesh(*config.parse_mesh(args.mesh, jax.device_count()))
-        except ValueError as e:
-            parser.error(str(e))
-    else:
-        mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    try:
+        mesh = config.command_mesh(args.mesh)
+    except ValueError as e:
+        parser.error(str(e))
     service = load(args.path, mesh, args.slots, args.context, args.queue, args.served_model_name, args.api_key,
                    args.dtype)
     if jax.process_index() != 0:  # process 0 decides; here the same steps run
