@@ -2,7 +2,7 @@
 
     python -m evaluation.agent --replay \
         MINT_DIR/data/outputs/lemur-70b-chat-v1/F=None/max5_p2+tool+cd/code_generation/humaneval/results.jsonl
-    python -m evaluation.agent --replay $(find ../shared/data/mint/data/outputs -name results.jsonl)
+    python -m evaluation.agent --replay $(find MINT_DIR/data/outputs -name results.jsonl)   # every file
 
 Replay is conformance: each recorded trajectory's assistant messages go through our environment
 (evaluation/mint_env.py) and, turn by turn, our observation is compared with the one MINT recorded
