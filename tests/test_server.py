@@ -21,6 +21,7 @@ import sentencepiece as spm
 import chat
 import model
 import sharding
+from conftest import HANG
 from formats import hf
 
 openai = pytest.importorskip("openai")
@@ -83,7 +84,19 @@ def ask(client, question, **options):
     return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
 
 
-def wait_for(condition, what: str, timeout: float = 120):
+def ask_together(client, questions, options):
+    """ask() for each (question, options) pair, all at once: one thread a request."""
+    results = [None] * len(questions)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(client, questions[i], **options[i])))
+               for i in range(len(questions))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def wait_for(condition, what: str, timeout: float = HANG):
     """Wait for a state of the server (never a verdict on speed: the timeout only ends a hang)."""
     end = time.time() + timeout
     while not condition():
@@ -314,13 +327,7 @@ def test_a_mesh_serves_what_one_device_serves(client, exported):
     meshed = server.load(exported, devices((1, 2, 2)), slots=4, context=CONTEXT, name="tiny", dtype="float32")
     with server.running(meshed) as url:
         other = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        results = [None] * 4
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(other, QUESTIONS[i], **options[i])))
-                   for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = ask_together(other, QUESTIONS[:4], options)
     assert results == alone
 
 
@@ -398,16 +405,9 @@ def test_two_processes_serve_what_one_does_and_sigterm_ends_cleanly(client, expo
             except httpx.TransportError:
                 return False
 
-        wait_for(up, "the two-process server to start", timeout=240)
+        wait_for(up, "the two-process server to start")
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        results = [None] * 4
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(c, QUESTIONS[4 + i], **options[i])))
-                   for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results == alone
+        assert ask_together(c, QUESTIONS[4:8], options) == alone
         stream = iter(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=100, stream=True, temperature=0,
                                                 stream_options={"include_usage": True}))
@@ -415,7 +415,7 @@ def test_two_processes_serve_what_one_does_and_sigterm_ends_cleanly(client, expo
         procs[0].send_signal(signal.SIGTERM)
         rest = list(stream)
         assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage  # ended with a finish_reason
-        logs = [p.communicate(timeout=120)[0] for p in procs]
+        logs = [p.communicate(timeout=HANG)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], "\n\n".join(logs)[-4000:]
         assert "decode steps" in logs[0]
     finally:
