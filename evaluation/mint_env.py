@@ -6,7 +6,7 @@
     observation, done = episode.step("<thought>...</thought> <execute>print(6 * 7)</execute>")
     episode.record()                          # a line of MINT's results.jsonl: {"state": ..., "task": ...}
 
-Used by `python -m evaluation.agent` (replay against MINT's recorded runs; live runs next). The
+Used by `python -m evaluation.agent` (live runs) and evaluation/mint_replay.py (MINT's recorded runs). The
 protocol is MINT's at commit 856af63 (`mint/envs/general_env.py`, `mint/datatypes.py`,
 `mint/tools/python_tool.py`, `mint/agents/base.py`); docs/agents.md describes it.
 

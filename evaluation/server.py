@@ -33,6 +33,7 @@ import collections
 import contextlib
 import json
 import logging
+import queue
 import secrets
 import signal
 import threading
@@ -54,17 +55,22 @@ log = logging.getLogger("evaluation.server")
 
 class Request:
     """One request on its way: its prompt and options, its reply's text, the queue its events
-    go to ((text, finish_reason, ApiError or None), put from the engine's thread)."""
+    go to ((text, finish_reason, ApiError or None), put from the engine's thread): an asyncio
+    queue of the event loop `loop`, or without one (the agent's threads) a plain queue."""
 
-    def __init__(self, kind: str, prompt: list, opts: dict, stop_tokens: tuple, prompts: Prompts, loop):
+    def __init__(self, kind: str, prompt: list, opts: dict, stop_tokens: tuple, prompts: Prompts, loop=None):
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         self.kind, self.prompt, self.opts, self.stop_tokens, self.loop = kind, prompt, opts, stop_tokens, loop
         self.text = Text(prompts, opts["stop"], after=[] if kind == "chat" else prompt[-8:])
         self.seed = decode.row_seed(opts["seed"]) if opts["seed"] is not None else secrets.randbits(32)
-        self.events, self.slot, self.done, self.steps = asyncio.Queue(), None, False, []
+        self.events = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        self.slot, self.done, self.steps = None, False, []
 
     def put(self, text: str, finish: str | None = None, error: ApiError | None = None):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (text, finish, error))
+        if self.loop is None:
+            self.events.put((text, finish, error))
+        else:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (text, finish, error))
 
 
 def broadcast(plan):

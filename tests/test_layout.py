@@ -77,7 +77,7 @@ LAYERS = [
     ("data", {"data", "chat"}),
     ("the loop", {"train"}),
     ("evaluation", {"evaluation.sandbox_child", "evaluation.sandbox", "evaluation.humaneval", "evaluation.mint_tasks",
-                    "evaluation.mint_env", "evaluation.openai_api"}),
+                    "evaluation.mint_env", "evaluation.mint_replay", "evaluation.openai_api"}),
     ("commands", {"sft", "sample", "evaluation.harness", "evaluation.agent", "evaluation.server", "tools.aot",
                   "tools.convert", "tools.plot", "tools.ablate", "tools.campaign"}),
 ]

@@ -1,4 +1,4 @@
-"""MINT's environment (evaluation/mint_env.py, mint_tasks.py, agent.py): every branch of an episode on
+"""MINT's environment (evaluation/mint_env.py, mint_tasks.py, mint_replay.py): every branch of an episode on
 hand-written tasks (tests/mint_layout/, no recordings needed), then conformance with MINT's own
 recorded Lemur-70B-Chat runs in ../shared/data/mint: every recorded task, first message and
 solution verdict, and a fixed sample of trajectories replayed turn by turn. The recording tests are
@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from evaluation import agent, mint_env, mint_tasks
+from evaluation import mint_env, mint_replay, mint_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYOUT = os.path.join(ROOT, "tests", "mint_layout")
@@ -168,9 +168,9 @@ def test_success_rules():
 def test_replay_normalises_only_paths_addresses_and_where_a_time_limit_landed():
     ours = "File /usr/lib/python3.11/site-packages/sympy/core.py:10, in f()\n<object at 0x7f3a2b1c9d40>"
     recorded = "File /mnt/x/envs/mint/lib/python3.9/site-packages/sympy/core.py:10, in f()\n<object at 0x55d2e1a0b2f0>"
-    assert agent.normalise(ours) == agent.normalise(recorded)
-    assert agent.normalise("Out[1]: 42") != agent.normalise("Out[2]: 42")
-    assert agent.layout(os.path.join(RUNS, "max5_p2+tool+cd", "reasoning", "mmlu", "results.jsonl")) == {
+    assert mint_replay.normalise(ours) == mint_replay.normalise(recorded)
+    assert mint_replay.normalise("Out[1]: 42") != mint_replay.normalise("Out[2]: 42")
+    assert mint_replay.layout(os.path.join(RUNS, "max5_p2+tool+cd", "reasoning", "mmlu", "results.jsonl")) == {
         "subset": "mmlu", "max_steps": 5, "max_propose": 2, "mint_dir": os.path.abspath(MINT_DIR)}
 
 
@@ -188,7 +188,7 @@ def test_every_recorded_task_and_first_message_is_mints():
     records = recorded()
     assert len(records) == 904
     for path, record in records:
-        where = agent.layout(path)
+        where = mint_replay.layout(path)
         ours = tasks[where["subset"]][record["task"]["task_id"]]
         assert ours.to_dict() == record["task"]
         assert mint_tasks.first_message(ours, where["max_steps"], where["max_propose"]) == \
@@ -202,14 +202,14 @@ def recorded_verdicts():
     for path, record in recorded():
         history, state = record["state"]["history"], record["state"]
         for i in range(1, len(history), 2):
-            text = agent.assistant_text(history[i]["content"])
+            text = mint_replay.assistant_text(history[i]["content"])
             answer = mint_env.tagged(text, "solution")
             if "<solution>" not in text or not answer:
                 continue
             after = history[i + 1]["content"] if i + 1 < len(history) else None
             verdict = state["terminate_reason"] == "task_success" if after is None else \
                 False if after.startswith("Observation:\nYour answer is wrong.") else None
-            verdicts.append((agent.layout(path)["subset"], record["task"]["task_id"], answer, verdict))
+            verdicts.append((mint_replay.layout(path)["subset"], record["task"]["task_id"], answer, verdict))
     return verdicts
 
 
@@ -234,7 +234,7 @@ SAMPLE = {"code_generation/humaneval": {0, 13, 27}, "code_generation/mbpp": {2, 
 def test_a_fixed_sample_of_recorded_trajectories_replays_turn_by_turn():
     compared = equal = network = servers = 0
     for name, ids in SAMPLE.items():
-        summary = agent.replay_file(os.path.join(RUNS, "max5_p2+tool+cd", name, "results.jsonl"), only=ids)
+        summary = mint_replay.replay_file(os.path.join(RUNS, "max5_p2+tool+cd", name, "results.jsonl"), only=ids)
         assert summary["trajectories"] == len(ids)
         assert summary["success_agree"] == summary["terminate_agree"] == len(ids), summary["disagreements"]
         compared += summary["observations_compared"]
