@@ -91,7 +91,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["content-length"])))
         with self.server.lock:
             self.server.requests.append({"path": self.path, **body})
-        self._send(*self.server.answer(body))
+        try:
+            self._send(*self.server.answer(body))
+        except Exception as e:  # a request off the script: the client sees why
+            self._send(500, {"error": {"message": f"the scripted endpoint cannot answer: {e!r}"}})
 
 
 def recorded(subset: str) -> dict:
