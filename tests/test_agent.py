@@ -297,3 +297,31 @@ def test_two_episodes_at_a_time_give_what_eight_give_and_a_sleeping_cell_holds_n
         asleep = (slow[0]["decode_steps"][1], slow[1]["decode_steps"][0])
         others = [t["decode_steps"] for k, r in run.items() if k != ("gsm8k", 0) for t in r["turns"]]
         assert any(asleep[0] < first < asleep[1] for first, _ in others), (asleep, others)
+
+
+class Canned:
+    """A model that proposes the same answer to every task, counting its calls."""
+    name = "canned"
+
+    def __init__(self):
+        self.calls = 0
+
+    def complete(self, messages):
+        self.calls += 1
+        return agent.Reply("<solution> 42 </solution>  \n", 10, 5, "stop")
+
+
+def test_a_run_resumes_after_a_kill_and_refuses_other_settings(tmp_path):
+    tasks = {"gsm8k": mint_tasks.load(LAYOUT, "gsm8k"), "mmlu": mint_tasks.load(LAYOUT, "mmlu")}
+    settings = {"model": "canned", "temperature": 0}
+    first = agent.run_budget(Canned(), tasks, "max1_p1", str(tmp_path), settings=settings)
+    path = agent.results_path(str(tmp_path), "canned", "max1_p1", "gsm8k")
+    lines = read(path)
+    assert lines[0]["state"]["history"][1]["content"] == "Assistant:\n<solution> 42 </solution>\n"  # right-stripped
+    with open(path, "rb+") as f:  # killed while writing its second line
+        f.truncate(len(json.dumps(lines[0])) + 1 + 20)
+    again = Canned()
+    assert agent.run_budget(again, tasks, "max1_p1", str(tmp_path), settings=settings) == first
+    assert again.calls == 1 and read(path) == lines[:1] + [read(path)[1]] and len(read(path)) == 2
+    with pytest.raises(ValueError, match=r"run\.json: temperature was 0, this run's is 0\.7"):
+        agent.run_budget(Canned(), tasks, "max1_p1", str(tmp_path), settings={**settings, "temperature": 0.7})
