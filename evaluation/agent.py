@@ -266,7 +266,9 @@ def run_budget(model, tasks: dict, budget_name: str, out: str, *, episodes: int 
     finally:
         for f in files.values():
             f.close()
-    return [summary(done[subset], subset, budget_name) for subset in tasks]
+    asked = {subset: {t.id for t in subset_tasks} for subset, subset_tasks in tasks.items()}
+    return [summary([r for r in done[subset] if r["task"]["task_id"] in asked[subset]], subset, budget_name)
+            for subset in tasks]
 
 
 def load_tasks(mint_dir: str, names: str, limit: int | None) -> dict:
@@ -349,8 +351,9 @@ def main(argv=None):
     for name in budgets:
         budget(name)
     tasks = load_tasks(args.mint_dir, args.tasks, args.limit)
-    settings = {"model": args.api and args.model or args.path, "api": args.api, "completion_mode": args.completion_mode,
-                "max_tokens": MAX_TOKENS, "temperature": 0, "stop": STOP, "wikipedia": args.wikipedia}
+    settings = {"model": args.path, "api": args.api, "completion_mode": args.completion_mode, "max_tokens": MAX_TOKENS,
+                "temperature": 0, "stop": STOP, "wikipedia": args.wikipedia,
+                "context": None if args.api else args.context, "dtype": None if args.api else args.dtype}
     if args.api:
         model = ApiModel(args.api, args.model, args.completion_mode)
         return finish(run_all(model, tasks, budgets, args, {**settings, "model": model.name}))

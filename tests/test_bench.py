@@ -56,6 +56,15 @@ def test_serve_benchmark_smoke():
     assert result["decode_steps_8_clients"] < 64 and result["transformers_one_by_one"]["tokens"] == 64, result
 
 
+def test_agent_benchmark_smoke():
+    """bench/agent.py on tests/mint_layout: both sides run every episode to the same verdicts, and
+    the batched side shares decode steps."""
+    result = run_bench("bench/agent.py", "--smoke")
+    [(one, many)] = result["pairs"]
+    assert one["episodes"] == many["episodes"] == 2 and one["tokens"] == many["tokens"] > 0, result
+    assert many["decode_steps"] < one["decode_steps"] and one["environment_seconds"] > 0, result
+
+
 def gpu_script():
     """bench/gpu.py as a module (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "bench", "gpu.py"))
