@@ -107,8 +107,8 @@ class EngineModel:
         if len(prompt) + MAX_TOKENS > context:
             raise ContextFull(context_error(context, len(prompt), MAX_TOKENS, "prompt" if self.completion_mode
                                             else "messages").message)
-        request = server.Request(kind, prompt, options(body, not self.completion_mode), prompts.stop_tokens(kind == "chat"),
-                          prompts)
+        request = server.Request(kind, prompt, options(body, not self.completion_mode),
+                                 prompts.stop_tokens(kind == "chat"), prompts)
         self.service.scheduler.submit(request)
         text, finish = "", None
         while finish is None:
@@ -124,13 +124,16 @@ class ApiModel:
     """Any OpenAI-compatible endpoint (vLLM, our server, ...) through OpenAI's client, as MINT's
     agent calls it: chat completions, or completions with --completion_mode."""
 
-    def __init__(self, base_url: str, name: str | None = None, completion_mode: bool = False,
-                 api_key: str | None = None):
+    def __init__(self, base_url: str, name: str | None = None, completion_mode: bool = False):
         self.openai = optional("openai", "run MINT against an OpenAI-compatible endpoint (pip install openai)")
-        self.client = self.openai.OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY", "EMPTY"),
+        # the key from OPENAI_API_KEY, else "EMPTY" as MINT sends; a busy server is retried, as MINT's backoff does
+        self.client = self.openai.OpenAI(base_url=base_url, api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                                          max_retries=8, timeout=600)
         self.completion_mode = completion_mode
-        self.name = name or self.client.models.list().data[0].id
+        try:
+            self.name = name or self.client.with_options(max_retries=1).models.list().data[0].id
+        except self.openai.APIError as e:
+            raise ConnectionError(f"--api {base_url}: cannot list its models ({e})") from None
 
     def complete(self, messages: list) -> Reply:
         common = dict(model=self.name, max_tokens=MAX_TOKENS, temperature=0, stop=STOP)
