@@ -261,11 +261,15 @@ def run_budget(model, tasks: dict, budget_name: str, out: str, *, episodes: int 
     try:
         with concurrent.futures.ThreadPoolExecutor(max(1, min(episodes, len(todo)))) as pool:
             futures = [pool.submit(one, task) for task in todo]
-            for future in concurrent.futures.as_completed(futures):
-                if future.exception():  # a bug or a broken endpoint: stop taking tasks, say it
-                    for f in futures:
-                        f.cancel()
-                    raise future.exception()
+            try:
+                for future in concurrent.futures.as_completed(futures):
+                    future.result()  # a bug or a broken endpoint: stop taking tasks, say it
+            except BaseException:  # that, or Ctrl-C: the running episodes end and are written, no others start
+                for f in futures:
+                    f.cancel()
+                log.warning("stopping: the %d running episodes end first (and are written)",
+                            sum(not f.done() for f in futures))
+                raise
     finally:
         for f in files.values():
             f.close()
