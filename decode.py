@@ -147,20 +147,23 @@ def _device_step(params, tokens, lengths, cache, start, slot, cfg: model.Config)
 
     x = _embed(params, tokens)
 
-    def layer(x, inputs):
-        lp, k_cache, v_cache = inputs  # caches [B_local, S, K_local, H]
+    # The whole cache rides through the layer loop and each layer writes its rows in place: a scan
+    # that returned each layer's cache would stack them into a new one, a copy of the whole cache
+    # per step, which cost more than the step itself (BENCHMARKS.md section 7).
+    def layer(carry, lp):
+        x, i, k_cache, v_cache = carry  # caches [L, B_local, S, K_local, H]; i: this layer
         lp = _local_kv(lp, cfg)
         written = {}
 
         def cached(q, k, v):  # write this step's k/v at each row's positions, attend over its cache row
-            written["k"] = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-            written["v"] = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-            return attention.attend(q, view(written["k"]), view(written["v"]), mask)
+            written["k"] = k_cache.at[i, rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+            written["v"] = v_cache.at[i, rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+            return attention.attend(q, view(written["k"][i]), view(written["v"][i]), mask)
 
         x = model.layer(lp, x, cfg, rope, cached, scatter=_all_reduce)
-        return x, (written["k"], written["v"])
+        return (x, i + 1, written["k"], written["v"]), None
 
-    x, (k, v) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    (x, _, k, v), _ = jax.lax.scan(layer, (x, 0, cache["k"], cache["v"]), params["layers"])
     last = x[jnp.arange(B), jnp.clip(lengths - 1 - start, 0, T - 1)]  # each row's last prompt token
     h = model.rms_norm(last[:, None], params["norm"], cfg.norm_eps)
     logits = model.logits_from_hidden(params, h, cfg)[:, 0]  # [B, V_tensor] fp32
@@ -229,7 +232,10 @@ def step(params, tokens, lengths, cache, start, sampling, cfg, mesh, vocab_size,
     logits, cache = forward(params, tokens, lengths, cache, start, cfg, mesh, slot)
     temperature, top_k, top_p, seed, index = sampling
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seed, index)
-    token = sample_logits(logits[:, :vocab_size], keys, temperature, top_k, top_p).astype(jnp.int32)
+    logits = logits[:, :vocab_size]
+    # greedy steps (MINT, lm-eval) skip sample_logits' sort of the vocabulary, which costs as much as a row's step
+    token = jax.lax.cond(jnp.any(temperature > 0), lambda: sample_logits(logits, keys, temperature, top_k, top_p),
+                         lambda: jnp.argmax(logits, axis=-1)).astype(jnp.int32)
     # every process reads every row's token (multi-host: the rows live on other hosts too)
     return jax.lax.with_sharding_constraint(token, NamedSharding(mesh, P())), cache
 
