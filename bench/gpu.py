@@ -22,6 +22,9 @@ rewritten after every measurement, so whatever finished is kept if the machine i
                an 80 GB H100). The first of ours also records a jax.profiler trace of 3 steps and
                summarises it here into DIR/trace_top.txt (top kernels and HLO ops by GPU time):
                a trace folder cannot be brought back from such a machine, nor read there
+  decode       greedy generation of the same model through decode.generate on one device, bf16
+               weights, 128-token prompts, 128 new tokens: output tokens/s at 1 row and at 8 rows
+               (compile time apart), and how many of the 8 rows equal their prompt decoded alone
   attention    attention alone, forward + backward, at seq 2048 and 8192: ours against torch sdpa
   compile      (if time is left) transformers + torch.compile
 At the end, DIR/gpu.md holds the table for BENCHMARKS.md, the GPU and the versions on every row.
@@ -67,6 +70,7 @@ def checks(smoke: bool, gpu: bool) -> list:
     hf = lambda attn: (f"step/hf-{attn}", {"worker": "step", "side": "hf", "attention": attn}, 30, False)
     out = [("env", {"worker": "env"}, 5, False), ("correctness", {"worker": "correctness", "impls": impls}, 80, False),
            *[ours(impl, 75) for impl in impls if impl != "jnp"], hf("eager"), hf("sdpa"), ours("jnp", 120),
+           ("decode", {"worker": "decode"}, 60, False),
            ("attention", {"worker": "attention", "impls": impls}, 90, False),
            ("compile", {"worker": "step", "side": "hf", "attention": "sdpa", "compile": True}, 150, True)]
     for _, options, _, _ in out:
@@ -242,6 +246,56 @@ def trace(step, out):
                                                       for k, v in summary.items()})
 
 
+def decode_worker(options):
+    """Greedy generation of the step check's model (random weights) through decode.generate, the
+    one decode path (an Engine of one slot per prompt), on a mesh of one device: output tokens/s
+    (prefill included) of 8 prompts each decoded alone, then of the 8 at once, each after a warm-up
+    call that compiles (its time beyond a timed call: compile_seconds), and how many of the 8 rows
+    equal their prompt decoded alone. In fp32 (--smoke) they must; in bf16 the count is reported,
+    not judged: a batch of 8 may run other kernels, and a near tie of two logits flips with them."""
+    import jax
+    import numpy as np
+
+    import decode
+    import model
+    import sharding
+
+    dims = options["dims"]
+    prompt_len, new = (16, 16) if options["smoke"] else (128, 128)
+    cfg = model.Config(vocab_size=dims["vocab"], dim=dims["dim"], n_layers=dims["layers"], n_heads=dims["heads"],
+                       n_kv_heads=dims["kv_heads"], ffn_dim=dims["ffn"], max_seq_len=dims["seq"],
+                       dtype="float32" if options["smoke"] else "bfloat16")
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    params = decode.reshard(model.init_params(cfg, jax.random.key(0)), cfg, mesh)
+    prompts = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, prompt_len)).tolist()
+    about = dict(params=model.param_count(cfg), dtype=cfg.dtype, prompt_tokens=prompt_len, new_tokens=new)
+    alone = []
+
+    def timed(batch):  # generate returns once every token is on the host
+        start = time.perf_counter()
+        out = decode.generate(params, cfg, mesh, batch, new)
+        return out, time.perf_counter() - start
+
+    def one_row():
+        _, first = timed(prompts[:1])  # compiles the 1-row prefill and decode steps
+        runs = [timed([prompt]) for prompt in prompts]
+        alone.extend(out for (out,), _ in runs)
+        seconds = [s for _, s in runs]
+        emit("rows-1", ok=True, rows=1, tokens_per_sec=len(prompts) * new / sum(seconds),
+             compile_seconds=first - seconds[0], seconds=seconds, **about)
+
+    def eight_rows():
+        _, first = timed(prompts)  # compiles the 8-row steps
+        out, seconds = timed(prompts)
+        equal = sum(a == b for a, b in zip(out, alone))
+        emit("rows-8", ok=equal == len(prompts) or cfg.dtype == "bfloat16", rows=len(prompts),
+             tokens_per_sec=len(prompts) * new / seconds, compile_seconds=first - seconds, seconds=seconds,
+             rows_equal_alone=equal, **about)
+
+    attempt("rows-1", one_row)
+    attempt("rows-8", eight_rows)
+
+
 def attention_worker(options):
     """Each implementation at each size, emitted one by one: the fused kernels at both sizes first,
     jnp (its compile the longest: 64 query blocks at seq 8192) last."""
@@ -260,7 +314,8 @@ def attention_worker(options):
             attempt(f"{impl}-seq{T}", measure)
 
 
-WORKERS = {"env": env_worker, "correctness": correctness_worker, "step": step_worker, "attention": attention_worker}
+WORKERS = {"env": env_worker, "correctness": correctness_worker, "step": step_worker, "decode": decode_worker,
+           "attention": attention_worker}
 
 
 # ----------------------------------------------------------------------------- the trace
@@ -455,6 +510,13 @@ def table(results) -> str:
             ratio = f", {timing['tokens_per_sec'] / eager:.2f}x HF eager" if eager else ""
             row(f"{name}: {timing['params'] / 1e9:.2f}B params, batch {dims['batch']} x seq {dims['seq']}",
                 f"{timing['tokens_per_sec']:,.0f} tokens/s", f"{mfu}{memory}{ratio}")
+    for value in parts("decode").values():
+        if value.get("tokens_per_sec"):
+            equal = value.get("rows_equal_alone")
+            equal = "" if equal is None else f", {equal}/{value['rows']} rows as decoded alone"
+            row(f"decode {value['params'] / 1e9:.2f}B params {value['dtype']}, {value['rows']} x "
+                f"({value['prompt_tokens']} prompt + {value['new_tokens']} new), greedy",
+                f"{value['tokens_per_sec']:,.0f} tokens/s", f"compile {value['compile_seconds']:.0f} s{equal}")
     for value in parts("attention").values():
         if value.get("ok"):
             row(f"attention fwd+bwd {value['impl']}, batch {value['dims']['B']} x seq {value['dims']['T']}",
@@ -474,8 +536,8 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/gpu", help="folder of gpu.json, gpu.md, log.txt, trace_top.txt")
     parser.add_argument("--budget", type=float, default=300, help="seconds for the whole run")
-    parser.add_argument("--only", default="", help="comma-separated checks (env, correctness, step, attention, "
-                        "compile); default all")
+    parser.add_argument("--only", default="", help="comma-separated checks (env, correctness, step, decode, "
+                        "attention, compile); default all")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: a few seconds a check, on any devices")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -84,8 +84,8 @@ def test_gpu_script_smoke(tmp_path):
               for part, value in check.get("parts", {}).items() if not value.get("ok")}
     assert not failed, failed
     assert result["ok"] and result["checks"] == {"env": True, "correctness": True, "step/ours-jnp": True,
-                                                 "step/hf-sdpa": True, "step/hf-eager": True, "attention": True,
-                                                 "compile": None}, result
+                                                 "step/hf-sdpa": True, "step/hf-eager": True, "decode": True,
+                                                 "attention": True, "compile": None}, result
     assert "cuDNN" in saved["not_checked"] and saved["checks"]["env"]["parts"]["versions"]["versions"]["jax"]
     correctness = saved["checks"]["correctness"]["parts"]
     assert correctness["sharded_fp32"]["mesh"] == [1, 2, 2] and correctness["sharded_fp32"]["grad_max_rel_diff"] < 1e-4
@@ -93,6 +93,10 @@ def test_gpu_script_smoke(tmp_path):
     ours, eager = (saved["checks"][f"step/{side}"]["parts"]["timing"] for side in ("ours-jnp", "hf-eager"))
     assert ours["model_flops_per_token"] == eager["model_flops_per_token"] and ours["params"] == eager["params"]
     assert saved["goals"]["over_hf_eager"] == ours["tokens_per_sec"] / eager["tokens_per_sec"]
+    decode = saved["checks"]["decode"]["parts"]
+    assert decode["rows-1"]["tokens_per_sec"] > 0 and decode["rows-8"]["tokens_per_sec"] > 0, decode
+    # fp32: each of the 8 rows decoded together equals its prompt decoded alone
+    assert decode["rows-8"]["dtype"] == "float32" and decode["rows-8"]["rows_equal_alone"] == 8, decode
     attention = saved["checks"]["attention"]["parts"]
     assert set(attention) == {f"{impl}-seq{T}" for impl in ("jnp", "sdpa") for T in (64, 128)}
     summary = (tmp_path / "trace_top.txt").read_text()
@@ -101,6 +105,7 @@ def test_gpu_script_smoke(tmp_path):
     assert "top kernels by time" in summary and "top HLO ops by time" in summary and "by kind of work" in summary, summary
     table = (tmp_path / "gpu.md").read_text()
     assert "step/hf-eager" in table and "x HF eager" in table and "compile | skipped" in table, table
+    assert "8/8 rows as decoded alone" in table, table
 
 
 def test_gpu_script_records_a_dead_worker_and_goes_on(tmp_path):
