@@ -271,7 +271,13 @@ class Engine:
     of its seed and token index: a seeded row's tokens depend on neither its slot nor its
     neighbours. The engine's state lives on the host and changes only by these calls, so the
     processes of a multi-host mesh stay in step by making the same calls in the same order.
-    `counts`: prefill and decode steps run and tokens produced."""
+
+    A free slot's cache row keeps what its last row wrote: a prompt that starts with those tokens
+    (the next turn of a conversation: the last prompt, the reply, then the new message) is
+    prefilled from where they end (`reusable`), and the scheduler gives a request the free slot
+    that holds most of its prompt. Positions past them are overwritten before any row reads them
+    (a row attends only up to its own position). `counts`: prefill and decode steps run, tokens
+    produced, prompt tokens reused."""
 
     def __init__(self, params, cfg: model.Config, mesh, slots: int, context: int, *, vocab_size=None,
                  prefill_chunk: int = 512):
@@ -285,7 +291,8 @@ class Engine:
         self.options = dict(cfg=cfg, mesh=mesh, vocab_size=vocab_size or cfg.vocab_size)
         self.cache = new_cache(cfg, mesh, slots, context)
         self.rows = [None] * slots  # per slot: None (free) or the row's dict
-        self.counts = {"prefill_steps": 0, "decode_steps": 0, "tokens": 0}
+        self.kept = [np.zeros(0, np.int32)] * slots  # per free slot: the tokens its cache row holds
+        self.counts = {"prefill_steps": 0, "decode_steps": 0, "tokens": 0, "reused_tokens": 0}
 
     def join(self, slot: int, prompt: list, max_new_tokens: int, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
              stop_tokens=()):
@@ -296,11 +303,29 @@ class Engine:
         if not 0 < len(prompt) < self.context or max_new_tokens < 1:
             raise ValueError(f"a prompt of {len(prompt)} tokens and max_new_tokens={max_new_tokens}: the prompt "
                              f"must have at least 1 token and leave room in the context of {self.context}")
-        self.rows[slot] = {"prompt": np.asarray(prompt, np.int32), "prefilled": 0, "out": [], "stop": set(stop_tokens),
-                           "limit": min(max_new_tokens, self.context - len(prompt)),
+        reused = self.reusable(slot, prompt)
+        self.counts["reused_tokens"] += reused
+        self.rows[slot] = {"prompt": np.asarray(prompt, np.int32), "prefilled": reused, "out": [],
+                           "stop": set(stop_tokens), "limit": min(max_new_tokens, self.context - len(prompt)),
                            "sampling": (temperature, top_k, top_p, seed)}
 
+    def reusable(self, slot: int, prompt: list) -> int:
+        """How many of the prompt's first tokens the free slot's cache row holds already (all but
+        the last at most: the step of the last prompt token gives the first new one)."""
+        kept, prompt = self.kept[slot], np.asarray(prompt, np.int32)
+        n = min(len(kept), len(prompt) - 1)
+        differ = np.flatnonzero(kept[:n] != prompt[:n])
+        return int(differ[0]) if differ.size else n
+
     def leave(self, slot: int):
+        self._free(slot)
+
+    def _free(self, slot: int):
+        """The slot's row ends; its cache keeps the prompt tokens prefilled and the tokens decoded
+        (each but the newest, which no step has written yet)."""
+        row = self.rows[slot]
+        if row is not None:
+            self.kept[slot] = np.concatenate([row["prompt"][:row["prefilled"]], np.asarray(row["out"][:-1], np.int32)])
         self.rows[slot] = None
 
     def free_slots(self) -> list[int]:
@@ -322,7 +347,7 @@ class Engine:
         self.counts["tokens"] += 1
         finish = "stop" if row["out"][-1] in row["stop"] else "length" if len(row["out"]) >= row["limit"] else None
         if finish:
-            self.rows[slot] = None
+            self._free(slot)
         return slot, row["out"][-1], finish
 
     def advance(self) -> list[tuple[int, int, str | None]]:

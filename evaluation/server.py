@@ -14,7 +14,8 @@ running and waiting requests). What a request may hold, the chat formats and the
 openai_api.py. With --api_key, /v1/ needs `Authorization: Bearer KEY` (else 401).
 
 Continuous batching (decode.Engine): --slots rows decode together. A request takes a free slot as
-soon as one frees; its prompt is prefilled into that slot's row of the KV cache, one chunk per
+soon as one frees (the one whose cache holds most of its prompt, as a conversation's previous turn
+left it); the rest of its prompt is prefilled into that slot's row of the KV cache, one chunk per
 turn between decode steps, while the other rows decode on. It leaves at a stop token or string,
 its max_tokens, the context (--context positions per slot), or when its client goes away.
 Requests beyond the slots wait in a queue of --queue (full: 429). One thread runs the engine; the
@@ -138,7 +139,9 @@ class Scheduler:
             joins = []
             while free and self.waiting:
                 req = self.waiting.popleft()
-                req.slot = free.pop(0)
+                # the free slot whose cache holds most of this prompt (a conversation's last turn): less to prefill
+                req.slot = max(free, key=lambda slot: self.engine.reusable(slot, req.prompt))
+                free.remove(req.slot)
                 self.running[req.slot] = req
                 o = req.opts
                 joins.append([req.slot, req.prompt, o["max_tokens"], o["temperature"], o["top_k"], o["top_p"], req.seed,

@@ -123,3 +123,24 @@ def test_engine_rows_joining_mid_decode_equal_each_alone(params, one_device):
     assert out[0] == one_device[2] and out[3] == one_device[3] and out[2] == one_device[1]
     assert out[1] == alone[2] and out[1] != one_device[0]  # slot 1 again: the seeded row, sampled
     assert when[3][0] < when[0][-1] and engine.counts["decode_steps"] < engine.counts["tokens"]
+
+
+def test_a_prompt_continuing_a_slots_last_row_reuses_its_cache(params, one_device):
+    """The next turn of a conversation (the last prompt, its reply, more tokens) joins the slot
+    that holds them and prefills only the rest, giving what a fresh engine gives; a prompt that
+    differs early reuses only the common start; a row left mid-prefill keeps what it wrote."""
+    sharded, mesh = on_mesh(params, (1, 2, 2))
+    engine = decode.Engine(sharded, CFG, mesh, slots=2, context=64, prefill_chunk=4)
+    first, _ = run_engine(engine, {0: [(1, PROMPTS[0], NEW, {})]})
+    assert first[1] == one_device[0]
+    follow = PROMPTS[0] + first[1] + [9, 4, 77]
+    assert engine.reusable(1, follow) == len(PROMPTS[0]) + NEW - 1 and engine.reusable(0, follow) == 0
+    fresh = decode.generate(sharded, CFG, mesh, [follow, follow[:3] + [5, 6]], NEW)
+    out, _ = run_engine(engine, {0: [(1, follow, NEW, {})]})
+    assert out[1] == fresh[0] and engine.counts["reused_tokens"] == len(PROMPTS[0]) + NEW - 1
+    out, _ = run_engine(engine, {0: [(1, follow[:3] + [5, 6], NEW, {})]})
+    assert out[1] == fresh[1] and engine.counts["reused_tokens"] == len(PROMPTS[0]) + NEW - 1 + 3
+    engine.join(0, follow, NEW)
+    engine.advance()  # one chunk of 4 prefilled, then left
+    engine.leave(0)
+    assert engine.reusable(0, follow) == 4
