@@ -239,7 +239,10 @@ def test_a_short_request_sent_during_a_long_one_finishes_first(client, service):
 
 def test_a_seeded_request_gives_the_same_text_in_any_slot_beside_any_others(client, service):
     seeded = dict(temperature=1.0, top_p=0.95, seed=1234, max_tokens=30)
+    engine = service.scheduler.engine
+    engine.kept = [np.zeros(0, np.int32)] * len(engine.rows)  # no slot holds a prompt: the first free one is taken
     alone = ask(client, QUESTIONS[2], **seeded)
+    assert service.scheduler.history[-1]["slot"] == 0
     assert alone == ask(client, QUESTIONS[2], **seeded)
     assert alone != ask(client, QUESTIONS[2], **{**seeded, "seed": 1235})
     assert alone[0] != ask(client, QUESTIONS[2], max_tokens=30)[0]  # sampled, not greedy
@@ -248,7 +251,7 @@ def test_a_seeded_request_gives_the_same_text_in_any_slot_beside_any_others(clie
     def run(name, question, **options):
         results[name] = ask(client, question, **options)
 
-    with stepping(service) as gate:  # three others take slots 0-2 first and keep decoding beside it
+    with stepping(service) as gate:  # three others take slots 0-2 first and keep decoding beside it in slot 3
         others = [threading.Thread(target=run, args=(i, QUESTIONS[i + 3]), kwargs=dict(temperature=1.0, max_tokens=40))
                   for i in range(3)]
         for t in others:
