@@ -10,8 +10,8 @@ a model of this project as they talk to vLLM.
 MODEL is anything the evaluation reads (a training out_dir, a checkpoint, a Hugging Face
 directory; local or in a bucket). Endpoints: POST /v1/chat/completions, POST /v1/completions,
 GET /v1/models, GET /health, GET /metrics (Prometheus text: decode and prefill steps, tokens,
-running and waiting requests). What a request may hold, the chat formats and the errors:
-openai_api.py. With --api_key, /v1/ needs `Authorization: Bearer KEY` (else 401).
+reused prompt tokens, running and waiting requests). What a request may hold, the chat formats
+and the errors: openai_api.py. With --api_key, /v1/ needs `Authorization: Bearer KEY` (else 401).
 
 Continuous batching (decode.Engine): --slots rows decode together. A request takes a free slot as
 soon as one frees (the one whose cache holds most of its prompt, as a conversation's previous turn
@@ -225,7 +225,8 @@ class Scheduler:
         c = self.engine.counts
         with self.lock:
             values = {"decode_steps_total": c["decode_steps"], "prefill_steps_total": c["prefill_steps"],
-                      "generated_tokens_total": c["tokens"], "requests_running": len(self.running),
+                      "generated_tokens_total": c["tokens"], "reused_prompt_tokens_total": c["reused_tokens"],
+                      "requests_running": len(self.running),
                       "requests_waiting": len(self.waiting)}
         return "".join(f"# TYPE lemur_{k} {'counter' if k.endswith('total') else 'gauge'}\nlemur_{k} {v}\n"
                        for k, v in values.items())

@@ -7,6 +7,7 @@ running rows and exits 0. Where an order matters (who joins while whom decodes) 
 engine advance turn by turn (`stepping`); verdicts come from the server's records, never timings."""
 import contextlib
 import io
+import re
 import signal
 import subprocess
 import sys
@@ -307,7 +308,9 @@ def test_bad_requests_get_openai_errors_and_the_server_serves_on(client, service
     assert ask(client, "hi", extra_body={"unknown_field": 1, "frequency_penalty": 0})[1] == "length"  # ignored
     assert httpx.get(url.replace("/v1/", "/health")).status_code == 200
     assert [m.id for m in client.models.list()] == ["tiny"]
-    assert "lemur_decode_steps_total" in httpx.get(url.replace("/v1/", "/metrics")).text
+    metrics = httpx.get(url.replace("/v1/", "/metrics")).text
+    assert "lemur_decode_steps_total" in metrics
+    assert int(re.search(r"lemur_reused_prompt_tokens_total (\d+)", metrics).group(1)) > 0  # questions asked again
 
 
 def test_an_api_key_is_required_when_set(client, service):
