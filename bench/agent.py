@@ -162,7 +162,8 @@ def main(argv=None):
                                                  for t in r["turns"]), 2),
                 "successes": sum(r["successes"] for r in summary)}
 
-    run(args.episodes)  # compiles every shape once, outside the figures
+    if not args.smoke:
+        run(args.episodes)  # compiles every shape once, outside the figures
     pairs = []
     for _ in range(args.repeats):
         pairs.append((run(1), run(args.episodes)))
