@@ -115,10 +115,11 @@ def read(path):
         return [json.loads(line) for line in f]
 
 
-def same_as_recorded(ours: dict, theirs: dict, task) -> list[str]:
+def same_as_recorded(ours: dict, theirs: dict, task, seen: dict) -> list[str]:
     """How a live record differs from MINT's: outcome, counts, every assistant message, and every
     observation after normalising, but those after a network call (offline here, online there) and
-    those where the replay of MINT's record differs too (the machine's libraries: docs/agents.md)."""
+    those where the replay of MINT's record differs too (the machine's libraries: docs/agents.md),
+    counted in seen["excused"] beside seen["compared"]."""
     problems, machine = [], None
     for key in ("success", "terminate_reason", "agent_action_count", "finished"):
         if ours["state"][key] != theirs["state"][key]:
@@ -132,11 +133,14 @@ def same_as_recorded(ours: dict, theirs: dict, task) -> list[str]:
             problems.append(f"message {i}: role")
         elif a["role"] == "assistant" and a["content"] != b["content"]:
             problems.append(f"message {i}: assistant text")
-        elif a["role"] == "user" and i and (i - 2) // 2 not in network and \
-                mint_replay.normalise(a["content"]) != mint_replay.normalise(b["content"]):
+        elif a["role"] == "user" and i and (i - 2) // 2 not in network:
+            seen["compared"] += 1
+            if mint_replay.normalise(a["content"]) == mint_replay.normalise(b["content"]):
+                continue
             if machine is None:  # the turns where replaying MINT's record here differs too
                 replayed = mint_replay.replay(theirs, task, 5, 2)
                 machine = {d["turn"] for d in replayed["disagreements"] if d["reason"] == "observation differs"}
+            seen["excused"] += i in machine
             if i not in machine:
                 problems.append(f"message {i}: observation")
     return problems
@@ -154,16 +158,18 @@ def test_a_live_run_through_an_endpoint_reproduces_mints_recorded_runs(tmp_path,
         agent.main(["--api", endpoint.url, "--tasks", "all", "--limit", "2", "--budget", "max5_p2",
                     "--mint_dir", MINT_DIR, "--out", str(tmp_path / "chat"), "--episodes", "8"])
         last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        network = 0
+        network, seen = 0, {"compared": 0, "excused": 0}
         for s in subsets:
             ours = read(agent.results_path(str(tmp_path / "chat"), "scripted", "max5_p2", s))
             assert sorted(r["task"]["task_id"] for r in ours) == [t.id for t in mint_tasks.load(MINT_DIR, s)[:2]]
             tasks = {t.id: t for t in mint_tasks.load(MINT_DIR, s)}
             for r in ours:
                 tid = r["task"]["task_id"]
-                assert same_as_recorded(r, records[s][tid], tasks[tid]) == [], (s, tid)
+                assert same_as_recorded(r, records[s][tid], tasks[tid], seen) == [], (s, tid)
                 network += sum(bool(t["network_calls"]) for t in r["turns"])
         assert network >= 4  # hotpotqa's first two call wikipedia_search (offline here)
+        # theoremqa 2's sympy tracebacks differ here from MINT's machine (docs/agents.md); the rest are MINT's
+        assert seen["compared"] == 30 and seen["excused"] <= 5, seen
         want = [{"task": s, "budget": "max5_p2", "tasks": 2,
                  "successes": sum(records[s][t.id]["state"]["success"] for t in mint_tasks.load(MINT_DIR, s)[:2])}
                 for s in subsets]
@@ -179,7 +185,7 @@ def test_a_live_run_through_an_endpoint_reproduces_mints_recorded_runs(tmp_path,
         assert [(r["task"], r["tasks"], r["errors"]) for r in summary] == [("math", 1, 1), ("mmlu", 1, 1)]
         for s in errors:
             [ours] = read(agent.results_path(str(tmp_path / "completion"), "scripted", "max5_p2", s))
-            assert same_as_recorded(ours, records[s][ours["task"]["task_id"]], errors[s][0]) == []
+            assert same_as_recorded(ours, records[s][ours["task"]["task_id"]], errors[s][0], seen) == []
             assert ours["state"]["error"].startswith("InvalidRequestError\n")
             assert "maximum context length" in ours["state"]["error"]
         prompts = [r["prompt"] for r in endpoint.requests if r["path"] == "/v1/completions"]
