@@ -1,12 +1,12 @@
 """Lemur as an agent: MINT runs of our models (batched on a mesh) or of any OpenAI-compatible
 endpoint, and replay of MINT's recorded runs.
 
-    python -m evaluation.agent out/tiny_chat --tasks gsm8k,humaneval --budget max5_p2 --mint_dir MINT --out runs
+    python -m evaluation.agent out/tiny_chat --tasks gsm8k,humaneval --budget max5_p2 --mint_dir mint-bench --out runs
     python -m evaluation.agent gs://BUCKET/Lemur-70B-Chat --mesh=1,1,8 --tasks all \
-        --budgets max1_p1,max2_p2,max3_p2,max4_p2,max5_p2 --mint_dir MINT --out runs    # on every host
+        --budgets max1_p1,max2_p2,max3_p2,max4_p2,max5_p2 --mint_dir mint-bench --out runs    # on every host
     python -m evaluation.agent --api http://127.0.0.1:8000/v1 [--model NAME] [--completion_mode] \
-        --tasks all --budget max5_p2 --mint_dir MINT --out runs                       # vLLM, our server, ...
-    python -m evaluation.agent --replay $(find MINT/data/outputs -name results.jsonl)  # conformance
+        --tasks all --budget max5_p2 --mint_dir mint-bench --out runs                       # vLLM, our server, ...
+    python -m evaluation.agent --replay $(find mint-bench/data/outputs -name results.jsonl)  # conformance
 
 A live run is MINT's loop (mint/main.py and the open-model agent mint/agents/vllm_agent.py at
 856af63) over our environment (evaluation/mint_env.py): each turn sends the episode's history
@@ -218,7 +218,8 @@ def resume(path: str, settings: dict) -> list[dict]:
         data = f.read()
     whole = data[:data.rfind(b"\n") + 1]
     if len(whole) < len(data):
-        log.warning("%s: dropping its last line, cut short (%d bytes): that task runs again", path, len(data) - len(whole))
+        log.warning("%s: dropping its last line, cut short (%d bytes): that task runs again", path,
+                    len(data) - len(whole))
         with open(path, "r+b") as f:
             f.truncate(len(whole))
     return [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
@@ -243,10 +244,11 @@ def run_budget(model, tasks: dict, budget_name: str, out: str, *, episodes: int 
         path = results_path(out, model.name, budget_name, subset)
         done[subset] = resume(path, {**settings, "subset": subset})
         finished = {r["task"]["task_id"] for r in done[subset]}
-        todo += [t for t in subset_tasks if t.id not in finished]
+        left = [t for t in subset_tasks if t.id not in finished]
+        todo += left
         files[subset] = open(path, "a", encoding="utf-8")
         if finished:
-            log.info("%s: %d tasks done before, %d to run", path, len(finished), len(subset_tasks) - len(finished))
+            log.info("%s: %d tasks done before, %d to run", path, len(subset_tasks) - len(left), len(left))
     lock = threading.Lock()
 
     def one(task):
@@ -289,7 +291,8 @@ def load_tasks(mint_dir: str, names: str, limit: int | None) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| budget | task | tasks | successes | rate | errors | network turns |", "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| budget | task | tasks | successes | rate | errors | network turns |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['budget']} | {r['task']} | {r['tasks']} | {r['successes']} | "
               f"{'-' if r['rate'] is None else format(r['rate'], '.3f')} | {r['errors']} | {r['network_turns']} |"
               for r in results]
@@ -321,7 +324,8 @@ def replay(paths: list, mint_dir: str | None, level: str | None, jobs: int):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", nargs="?", metavar="MODEL", help="training out_dir, checkpoint or Hugging Face directory")
+    parser.add_argument("path", nargs="?", metavar="MODEL",
+                        help="training out_dir, checkpoint or Hugging Face directory")
     parser.add_argument("--api", metavar="BASE_URL", help="an OpenAI-compatible endpoint instead of MODEL, e.g. "
                                                           "http://127.0.0.1:8000/v1")
     parser.add_argument("--model", help="with --api: the model's name there (default: the first it lists)")
@@ -352,8 +356,8 @@ def main(argv=None):
     if not args.mint_dir or not args.out:
         parser.error("live runs need --mint_dir (a MINT checkout: git clone https://github.com/xingyaoww/mint-bench) "
                      "and --out")
-    if args.episodes < 1:
-        parser.error("--episodes must be at least 1")
+    if args.episodes < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--episodes and --limit must be at least 1")
     budgets = (args.budgets or args.budget).split(",")
     for name in budgets:
         budget(name)

@@ -47,7 +47,8 @@ class Scripted(http.server.ThreadingHTTPServer):
 
     def answer(self, body: dict) -> tuple[int, dict]:
         if "messages" in body:
-            first, said = body["messages"][1]["content"], [m["content"] for m in body["messages"] if m["role"] == "assistant"]
+            first = body["messages"][1]["content"]
+            said = [m["content"] for m in body["messages"] if m["role"] == "assistant"]
         else:
             first = next(f for f in self.trajectories if body["prompt"].startswith(f"\n\nHuman: {f}"))
             said = body["prompt"].split("\n\nAssistant: ")[1:]
@@ -218,8 +219,8 @@ def tiny(tmp_path_factory):
     lines = [" ".join(rng.choice(["word", "text", "of", "the", "data", "print", "solution"], 6)) for _ in range(500)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=300,
-                                   byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   num_threads=1, pad_id=-1, minloglevel=2)
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, num_threads=1, pad_id=-1, minloglevel=2)
     path = tmp_path_factory.mktemp("tiny") / "spm.model"
     path.write_bytes(buf.getvalue())
     params = jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))
