@@ -2,13 +2,14 @@
 episodes at a time against one at a time, side by side, and where the time goes (prefill, decode,
 code execution).
 
-    python bench/agent.py                  # MINT's tasks, Lemur-70B-Chat's recorded replies, model.TINY's shape
-    python bench/agent.py --limit 8        # 8 tasks of each subset (default 4)
-    python bench/agent.py --smoke          # tiny sizes, no ../shared needed (tests/test_bench.py runs it)
+    python bench/agent.py --mint_dir mint-bench --tokenizer llama-2/tokenizer.model   # model.TINY's shape
+    python bench/agent.py ... --limit 8    # 8 tasks of each subset (default 4)
+    python bench/agent.py --smoke          # tests/mint_layout's tasks, a tiny model (tests/test_bench.py runs it)
 
-The model is model.TINY's shape (8 layers, dim 256) with random weights over Lemur-Chat's
-vocabulary (the Llama-2 tokenizer from ../shared/data with ChatML's tokens, 4096 positions); its
-tokens are forced to the replies Lemur-70B-Chat gave in MINT's recorded runs (max5_p2), so the
+--mint_dir: a MINT checkout (its data/outputs hold Lemur-70B-Chat's recorded runs); --tokenizer:
+Llama-2's tokenizer.model. The model is model.TINY's shape (8 layers, dim 256) with random weights
+over Lemur-Chat's vocabulary (that tokenizer with ChatML's tokens, 4096 positions); its tokens
+are forced to the replies Lemur-70B-Chat gave in MINT's recorded runs (max5_p2), so the
 episodes take the recorded trajectories: the same prompts, reply lengths and cells as the real
 run, while the model computes every prefill chunk and decode step as it would. Each side runs
 the same tasks through `agent.run_budget` on one CPU device; the pairs alternate. Time in the
@@ -27,7 +28,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-SHARED = os.path.join(ROOT, "..", "shared", "data")
 
 
 def tokenizer_of(args):
@@ -110,14 +110,17 @@ def timed_steps(totals: dict):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mint_dir", default=os.path.join(SHARED, "mint"))
-    parser.add_argument("--tokenizer", default=os.path.join(SHARED, "llama2_tokenizer.model"))
+    parser.add_argument("--mint_dir", default=os.environ.get("MINT_DIR"), help="a MINT checkout (default: $MINT_DIR)")
+    parser.add_argument("--tokenizer", help="Llama-2's tokenizer.model")
     parser.add_argument("--tasks", default="gsm8k,mbpp")
     parser.add_argument("--limit", type=int, default=4, help="tasks of each subset")
     parser.add_argument("--episodes", type=int, default=8, help="episodes at a time on the batched side")
     parser.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternated")
     parser.add_argument("--smoke", action="store_true", help="tests/mint_layout's tasks, a tiny model")
     args = parser.parse_args(argv)
+    if not args.smoke and not (args.mint_dir and args.tokenizer):
+        parser.error("give --mint_dir (a MINT checkout, with Lemur-70B-Chat's recorded runs) and --tokenizer "
+                     "(Llama-2's tokenizer.model), or --smoke")
 
     import jax
     import chat
