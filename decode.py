@@ -318,9 +318,6 @@ class Engine:
         return int(differ[0]) if differ.size else n
 
     def leave(self, slot: int):
-        self._free(slot)
-
-    def _free(self, slot: int):
         """The slot's row ends; its cache keeps the prompt tokens prefilled and the tokens decoded
         (each but the newest, which no step has written yet)."""
         row = self.rows[slot]
@@ -347,7 +344,7 @@ class Engine:
         self.counts["tokens"] += 1
         finish = "stop" if row["out"][-1] in row["stop"] else "length" if len(row["out"]) >= row["limit"] else None
         if finish:
-            self._free(slot)
+            self.leave(slot)
         return slot, row["out"][-1], finish
 
     def advance(self) -> list[tuple[int, int, str | None]]:

@@ -101,9 +101,11 @@ class EngineModel:
     def complete(self, messages: list) -> Reply:
         prompts, context = self.service.prompts, self.service.context
         kind = "text" if self.completion_mode else "chat"
-        body = {"messages": messages, "prompt": completion_prompt(messages), "max_tokens": MAX_TOKENS,
-                "temperature": 0, "stop": STOP}
-        prompt = prompts.completion(body) if self.completion_mode else prompts.chat(body)
+        body = {"max_tokens": MAX_TOKENS, "temperature": 0, "stop": STOP}
+        if self.completion_mode:
+            prompt = prompts.completion({**body, "prompt": completion_prompt(messages)})
+        else:
+            prompt = prompts.chat({**body, "messages": messages})
         if len(prompt) + MAX_TOKENS > context:
             raise ContextFull(context_error(context, len(prompt), MAX_TOKENS, "prompt" if self.completion_mode
                                             else "messages").message)
@@ -225,7 +227,7 @@ def resume(path: str, settings: dict) -> list[dict]:
     return [json.loads(line) for line in whole.decode("utf-8").splitlines() if line.strip()]
 
 
-def summary(records: list[dict], subset: str, budget_name: str) -> dict:
+def rates(records: list[dict], subset: str, budget_name: str) -> dict:
     successes = sum(r["state"]["success"] for r in records)
     return {"task": subset, "budget": budget_name, "tasks": len(records), "successes": successes,
             "rate": round(successes / len(records), 3) if records else None,
@@ -276,7 +278,7 @@ def run_budget(model, tasks: dict, budget_name: str, out: str, *, episodes: int 
         for f in files.values():
             f.close()
     asked = {subset: {t.id for t in subset_tasks} for subset, subset_tasks in tasks.items()}
-    return [summary([r for r in done[subset] if r["task"]["task_id"] in asked[subset]], subset, budget_name)
+    return [rates([r for r in done[subset] if r["task"]["task_id"] in asked[subset]], subset, budget_name)
             for subset in tasks]
 
 
@@ -305,20 +307,20 @@ def replay(paths: list, mint_dir: str | None, level: str | None, jobs: int):
             "network_turns", "server_errors")
     total = {key: 0 for key in keys} | {"files": [], "disagreements": []}
     for path in paths:
-        summary_ = mint_replay.replay_file(path, mint_dir, level, jobs)
+        summary = mint_replay.replay_file(path, mint_dir, level, jobs)
         where = mint_replay.layout(path)
         name = f"max{where['max_steps']}_p{where['max_propose']}/{where['subset']}"
-        print(f"{name}: {summary_['success_agree']}/{summary_['trajectories']} success verdicts agree, "
-              f"{summary_['terminate_agree']} terminate reasons, observations {summary_['observations_equal']}/"
-              f"{summary_['observations_compared']} equal ({summary_['network_turns']} network turns, "
-              f"{summary_['server_errors']} server errors apart); successes recorded "
-              f"{summary_['recorded_successes']}, replayed {summary_['replayed_successes']}", flush=True)
+        print(f"{name}: {summary['success_agree']}/{summary['trajectories']} success verdicts agree, "
+              f"{summary['terminate_agree']} terminate reasons, observations {summary['observations_equal']}/"
+              f"{summary['observations_compared']} equal ({summary['network_turns']} network turns, "
+              f"{summary['server_errors']} server errors apart); successes recorded "
+              f"{summary['recorded_successes']}, replayed {summary['replayed_successes']}", flush=True)
         for key in keys:
-            total[key] += summary_[key]
-        total["files"].append({"file": name, **{k: summary_[k] for k in keys},
-                               "recorded_successes": summary_["recorded_successes"],
-                               "replayed_successes": summary_["replayed_successes"]})
-        total["disagreements"] += [{"file": name, **d} for d in summary_["disagreements"]]
+            total[key] += summary[key]
+        total["files"].append({"file": name, **{k: summary[k] for k in keys},
+                               "recorded_successes": summary["recorded_successes"],
+                               "replayed_successes": summary["replayed_successes"]})
+        total["disagreements"] += [{"file": name, **d} for d in summary["disagreements"]]
     print(json.dumps(total))
 
 
